@@ -1,0 +1,1 @@
+"""Framework-neutral math (torch only): presets, samplers, guidance. Imports neither diffusers nor ComfyUI."""

@@ -1,0 +1,399 @@
+"""`OneStepPipeline`: one- and few-step text-to-image for distilled SD1.x / SD2.x / SDXL UNets.
+
+One class for the three families (detected from the components); the sampling maths is `core.onestep`, the
+per-model numbers are `core.presets`. The scheduler component is kept for its configuration (ᾱ table, prediction
+type) and so that `save_pretrained` folders load in stock diffusers pipelines; its `step` is never called.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.loaders import FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin
+from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
+from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (documented scheduler types)
+from diffusers.utils.torch_utils import randn_tensor
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+from ..core import onestep
+from ..core.presets import FAMILY_NAMES, PRESETS, Preset, get_preset
+from . import lora_check, single_file
+
+logger = logging.getLogger("swiftstep")
+
+
+def unet_family(unet: UNet2DConditionModel) -> str:
+    """'sd1' | 'sd2' | 'sdxl' from the UNet config (SDXL: text_time embedding; SD2: linear transformer projections)."""
+    cfg = unet.config
+    if cfg.addition_embed_type == "text_time":
+        return "sdxl"
+    if cfg.addition_embed_type is not None or cfg.in_channels != 4:
+        raise ValueError(
+            f"This UNet is not an SD1.x/SD2.x/SDXL text-to-image UNet (addition_embed_type="
+            f"{cfg.addition_embed_type!r}, in_channels={cfg.in_channels}); OneStepPipeline expects one of those."
+        )
+    return "sd2" if cfg.use_linear_projection else "sd1"
+
+
+def _infer_preset(family: str, unet, scheduler) -> str | None:
+    """The preset a stock folder implies, when exactly one fits its scheduler/UNet config; else None."""
+    cfg = scheduler.config
+    kind = type(scheduler).__name__
+    if getattr(unet.config, "time_cond_proj_dim", None) is not None:
+        return "lcm"  # only full LCM UNets carry a guidance embedding
+    if kind == "TCDScheduler":
+        return "tcd"
+    trailing = cfg.get("timestep_spacing") == "trailing"
+    pred = cfg.get("prediction_type", "epsilon")
+    if family == "sdxl" and pred == "sample" and trailing:
+        return "sdxl-lightning-1step"
+    if family == "sdxl" and kind == "EulerAncestralDiscreteScheduler" and trailing and pred == "epsilon":
+        return "sdxl-turbo"
+    if family == "sd2" and kind == "EulerDiscreteScheduler" and trailing and pred == "epsilon":
+        return "sd-turbo"  # SwiftBrush v2 ships sd-turbo's scheduler; both sample one step at t=999 identically
+    return None
+
+
+class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromSingleFileMixin):
+    r"""Text-to-image for one-/few-step distilled SD1.x, SD2.x and SDXL models.
+
+    Args:
+        vae, text_encoder, tokenizer, unet, scheduler: as in `StableDiffusionPipeline`.
+        text_encoder_2, tokenizer_2: the second (OpenCLIP bigG) encoder, for SDXL only.
+        preset: a name from `swiftstep.core.presets.PRESETS`, stored in the folder's `model_index.json`.
+    """
+
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->unet->vae"
+    _optional_components = ["text_encoder_2", "tokenizer_2"]
+    _callback_tensor_inputs = ["latents", "x0", "prompt_embeds"]
+
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        unet: UNet2DConditionModel,
+        scheduler,
+        text_encoder_2: CLIPTextModelWithProjection | None = None,
+        tokenizer_2: CLIPTokenizer | None = None,
+        preset: str | None = None,
+    ):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                              text_encoder_2=text_encoder_2, tokenizer_2=tokenizer_2)
+        self.family = unet_family(unet)
+        if (self.family == "sdxl") != (text_encoder_2 is not None):
+            raise ValueError(
+                f"An SDXL UNet needs `text_encoder_2` and `tokenizer_2` and an SD1.x/SD2.x UNet takes none; got a "
+                f"{FAMILY_NAMES[self.family]} UNet with text_encoder_2={type(text_encoder_2).__name__}."
+            )
+        if preset is not None:
+            self._check_preset(get_preset(preset))
+        self.register_to_config(preset=preset)
+        self.vae_scale_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+        self._interrupt = False
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs) -> "OneStepPipeline":
+        """Load an original Stability-layout checkpoint (`.safetensors`/`.ckpt`) of SD1.x, SD2.x or SDXL.
+
+        Uses diffusers' single-file converters. Configs come from `config=` (a local diffusers folder of the same
+        family, e.g. the model's own repo snapshot) or, with internet access, from the family's reference repo.
+        """
+        path = Path(pretrained_model_link_or_path)
+        if not str(pretrained_model_link_or_path).startswith(("http://", "https://")):
+            family = single_file.checkpoint_family(path)
+            logger.info("%s: recognised an original %s checkpoint", path.name, FAMILY_NAMES[family])
+            if kwargs.get("config") is None and kwargs.get("local_files_only"):
+                raise ValueError(
+                    f"{path.name}: loading offline needs `config=` pointing at a local diffusers folder of an "
+                    f"{FAMILY_NAMES[family]} model (e.g. {single_file.REFERENCE_REPOS[family]})."
+                )
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
+    def load_lora_weights(self, pretrained_model_name_or_path_or_dict, adapter_name: str | None = None, **kwargs):
+        """Load a diffusers/peft or kohya LoRA file (alphas honoured) into the UNet and text encoder(s).
+
+        Raises `ValueError` when the file's keys match no module of this pipeline, instead of silently doing nothing.
+        """
+        source = pretrained_model_name_or_path_or_dict
+        source = "state dict" if isinstance(source, dict) else Path(str(source)).name
+        state_dict = pretrained_model_name_or_path_or_dict
+        if not isinstance(state_dict, dict):
+            state_dict, _ = self.lora_state_dict(state_dict, unet_config=self.unet.config, **kwargs)
+        lora_check.check_targets(state_dict, self, source)
+        before = {a for v in self.get_list_adapters().values() for a in v}
+        super().load_lora_weights(dict(state_dict), adapter_name=adapter_name)
+        after = {a for v in self.get_list_adapters().values() for a in v}
+        new = sorted(after - before) or ([adapter_name] if adapter_name else [])
+        if not new:
+            raise ValueError(f"{source}: no LoRA layer was created; 0 of {len(state_dict)} keys match this pipeline.")
+        lora_check.check_loaded(state_dict, self, new[0], source)
+
+    # ------------------------------------------------------------------ helpers
+    def _check_preset(self, preset: Preset) -> None:
+        if self.family not in preset.families:
+            wanted = " or ".join(FAMILY_NAMES[f] for f in preset.families)
+            raise ValueError(
+                f"Preset {preset.name!r} is for {wanted} UNets, but this pipeline's UNet is "
+                f"{FAMILY_NAMES[self.family]}-shaped."
+            )
+
+    def resolve_preset(self, preset: str | None) -> Preset | None:
+        """The preset to use: the argument, else the one stored in the folder, else one implied by the scheduler."""
+        name = preset or self.config.get("preset") or _infer_preset(self.family, self.unet, self.scheduler)
+        if name is None:
+            return None
+        p = get_preset(name)
+        self._check_preset(p)
+        return p
+
+    def noise_schedule(self, preset: Preset | None) -> onestep.NoiseSchedule:
+        cfg = self.scheduler.config
+        if preset is not None and preset.schedule == "flow":
+            return onestep.NoiseSchedule.flow(cfg.get("num_train_timesteps", 1000))
+        return onestep.NoiseSchedule.vp(onestep.alphas_cumprod(
+            cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000),
+            cfg.get("beta_schedule", "scaled_linear")))
+
+    def _tokenize(self, tokenizer, prompt: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        return ids.to(self._execution_device)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: list[str], num_images_per_prompt: int = 1):
+        """(prompt_embeds, pooled_prompt_embeds or None), repeated `num_images_per_prompt` times per prompt.
+
+        SD1/SD2: the encoder's last hidden state. SDXL: penultimate hidden states of both encoders concatenated, and
+        the projected pooled output of the second (as `StableDiffusionXLPipeline` with clip_skip=None).
+        """
+        if self.family != "sdxl":
+            embeds = self.text_encoder(self._tokenize(self.tokenizer, prompt))[0]
+            pooled = None
+        else:
+            hidden = []
+            for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
+                out = enc(self._tokenize(tok, prompt), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+            pooled = out[0]  # text_embeds of CLIPTextModelWithProjection, [B, proj]
+            embeds = torch.cat(hidden, dim=-1)
+        embeds = embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if pooled is not None:
+            pooled = pooled.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        return embeds, pooled
+
+    def _add_time_ids(self, original_size, crops_coords_top_left, target_size, batch: int) -> torch.Tensor:
+        ids = list(original_size) + list(crops_coords_top_left) + list(target_size)
+        expected = self.unet.config.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
+        actual = self.unet.add_embedding.linear_1.in_features
+        if expected != actual:
+            raise ValueError(
+                f"SDXL micro-conditioning expects {actual} features but got {expected}; is `text_encoder_2` the "
+                f"encoder this UNet was trained with?"
+            )
+        return torch.tensor([ids], dtype=self.unet.dtype, device=self._execution_device).repeat(batch, 1)
+
+    def check_inputs(self, prompt, prompt_embeds, height, width, num_images_per_prompt, output_type,
+                     callback_on_step_end_tensor_inputs):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("Pass exactly one of `prompt` or `prompt_embeds`.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}.")
+        if prompt_embeds is not None and self.family == "sdxl":
+            raise ValueError("SDXL needs pooled embeddings too; pass `prompt` instead of `prompt_embeds`.")
+        for name, value in (("height", height), ("width", width)):
+            if value <= 0 or value % self.vae_scale_factor:
+                raise ValueError(
+                    f"`{name}` must be a positive multiple of {self.vae_scale_factor} (the VAE factor), got {value}."
+                )
+        if num_images_per_prompt < 1:
+            raise ValueError(f"`num_images_per_prompt` must be ≥ 1, got {num_images_per_prompt}.")
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"`output_type` must be one of 'pil', 'np', 'pt', 'latent', got {output_type!r}.")
+        bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+        if bad:
+            raise ValueError(f"`callback_on_step_end_tensor_inputs` must be in {self._callback_tensor_inputs}, got {bad}.")
+
+    @property
+    def interrupt(self) -> bool:
+        return self._interrupt
+
+    def make_sampler(self, preset: Preset | None, num_inference_steps: int | None, timesteps, gamma: float | None):
+        """The `FewStepSampler` for a call: preset timesteps/rule, overridden by `timesteps` and `gamma`."""
+        if preset is None and timesteps is None:
+            raise ValueError(
+                f"No preset given and none can be inferred from this folder's scheduler "
+                f"({type(self.scheduler).__name__}, prediction_type={self.scheduler.config.get('prediction_type')!r}); "
+                f"pass `preset=` (one of: {', '.join(PRESETS)}) or explicit `timesteps=[...]`."
+            )
+        if timesteps is not None:
+            timesteps = [float(t) for t in timesteps]
+            if num_inference_steps is not None and num_inference_steps != len(timesteps):
+                raise ValueError(f"`num_inference_steps`={num_inference_steps} disagrees with {len(timesteps)} `timesteps`.")
+        else:
+            timesteps = preset.timesteps_for(num_inference_steps)
+        if preset is not None:
+            prediction_type, rule, shift = preset.prediction_type, preset.rule, preset.timestep_shift
+            folder_pred = self.scheduler.config.get("prediction_type", "epsilon")
+            if prediction_type != "flow" and folder_pred != prediction_type:
+                logger.warning("Preset %r uses prediction_type=%r; the folder's scheduler says %r. Using the preset's.",
+                               preset.name, prediction_type, folder_pred)
+        else:
+            prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
+            rule, shift = onestep.StepRule("consistency"), 1.0
+        if gamma is not None:  # CTM/TCD gamma sampling instead of the preset's rule
+            rule = onestep.StepRule("tcd", gamma=gamma, final=rule.final if rule.rule == "tcd" else "x0",
+                                    boundary=rule.boundary)
+        return onestep.FewStepSampler(self.noise_schedule(preset), timesteps, prediction_type, rule, shift)
+
+    # ------------------------------------------------------------------ call
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int | None = None,
+        timesteps: list[float] | None = None,
+        preset: str | None = None,
+        gamma: float | None = None,
+        guidance_scale: float | None = None,
+        num_images_per_prompt: int = 1,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        cross_attention_kwargs: dict[str, Any] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] = (0, 0),
+        target_size: tuple[int, int] | None = None,
+        callback_on_step_end: Callable[..., dict] | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ):
+        r"""Generate images.
+
+        Args:
+            prompt: text prompt(s).
+            height, width: output size in pixels; multiples of the VAE factor. Default: the UNet's native size.
+            num_inference_steps: a step count the preset supports (default: the preset's).
+            timesteps: explicit timesteps in training units, strictly decreasing (overrides the preset's).
+            preset: a name from `PRESETS`; default: the folder's stored preset, else one its scheduler implies.
+            gamma: use TCD/CTM gamma sampling with this γ in [0, 1] (0 deterministic, 1 full re-noise).
+            guidance_scale: guidance *embedding* w for LCM UNets with `time_cond_proj_dim`; these models run
+                without CFG, so other UNets ignore it.
+            generator: seeds the initial latents, then one noise draw per re-noising step, in step order.
+            latents: initial noise `x_T` of shape [B·n, 4, H/f, W/f] (overrides the generator's first draw).
+            output_type: "pil", "np", "pt" or "latent".
+            callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, may replace "latents".
+
+        Returns:
+            `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
+        """
+        # 1. Check inputs
+        default_size = self.unet.config.sample_size * self.vae_scale_factor
+        height, width = height or default_size, width or default_size
+        self.check_inputs(prompt, prompt_embeds, height, width, num_images_per_prompt, output_type,
+                          callback_on_step_end_tensor_inputs)
+        preset_obj = self.resolve_preset(preset)
+        sampler = self.make_sampler(preset_obj, num_inference_steps, timesteps, gamma)
+        self._interrupt = False
+        device = self._execution_device
+
+        # 2. Encode the prompt
+        if prompt is not None:
+            prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+            prompt_embeds, pooled = self.encode_prompt(prompts, num_images_per_prompt)
+        else:
+            prompt_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            pooled = None
+        batch = prompt_embeds.shape[0]
+
+        # 3. Conditioning extras: SDXL micro-conditioning, LCM guidance embedding
+        added_cond_kwargs = None
+        if self.family == "sdxl":
+            add_time_ids = self._add_time_ids(original_size or (height, width), crops_coords_top_left,
+                                              target_size or (height, width), batch)
+            added_cond_kwargs = {"text_embeds": pooled, "time_ids": add_time_ids}
+        timestep_cond = None
+        if self.unet.config.time_cond_proj_dim is not None:
+            w = guidance_scale if guidance_scale is not None else (preset_obj and preset_obj.guidance_scale) or 8.5
+            w_tensor = torch.full((batch,), w - 1.0)  # LCM embeds w − 1 (no CFG batch)
+            timestep_cond = onestep.guidance_scale_embedding(w_tensor, self.unet.config.time_cond_proj_dim)
+            timestep_cond = timestep_cond.to(device=device, dtype=self.unet.dtype)
+
+        # 4. Initial noise (first generator draw)
+        shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        else:
+            latents = latents.to(device, self.unet.dtype)
+
+        def noise() -> torch.Tensor:
+            return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
+
+        # 5. Sampling loop
+        x0 = latents
+        with self.progress_bar(total=len(sampler)) as progress:
+            for i in range(len(sampler)):
+                if self.interrupt:
+                    break
+                t = sampler.model_timestep(i)
+                t_in = torch.tensor(t, device=device, dtype=torch.float32 if sampler.schedule.kind == "flow" else torch.long)
+                out = self.unet(latents, t_in, encoder_hidden_states=prompt_embeds, timestep_cond=timestep_cond,
+                                added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs=cross_attention_kwargs,
+                                return_dict=False)[0]
+                latents, x0 = sampler.step(out, i, latents, noise)
+                if not torch.isfinite(latents).all():
+                    raise FloatingPointError(
+                        f"NaN/inf in latents after step {i + 1} (t={t}) in {latents.dtype}; run the UNet in bfloat16 "
+                        f"or float32 (`torch_dtype=torch.bfloat16`)."
+                    )
+                if callback_on_step_end is not None:
+                    local = {"latents": latents, "x0": x0, "prompt_embeds": prompt_embeds}
+                    out_kwargs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
+                    latents = out_kwargs.pop("latents", latents)
+                progress.update()
+
+        # 6. Decode
+        if output_type == "latent":
+            images = latents
+        else:
+            images = self.decode_latents(latents)
+            images = self.image_processor.postprocess(images, output_type=output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """VAE decode to [-1, 1]; upcasts to float32 where the VAE config asks (SDXL VAE overflows in fp16)."""
+        vae = self.vae
+        dtype = vae.dtype
+        upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
+        if upcast:
+            vae.to(torch.float32)
+        try:
+            z = latents.to(vae.dtype) / vae.config.scaling_factor
+            if vae.config.get("shift_factor") is not None:
+                z = z + vae.config.shift_factor
+            image = vae.decode(z, return_dict=False)[0]
+        finally:
+            if upcast:
+                vae.to(dtype)
+        if not torch.isfinite(image).all():
+            raise FloatingPointError(
+                f"NaN/inf in the decoded image ({vae.dtype} VAE); decode in float32 or bfloat16 "
+                f"(e.g. `pipe.vae.to(torch.float32)`), or use an fp16-fixed VAE."
+            )
+        return image
