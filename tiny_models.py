@@ -38,7 +38,8 @@ def _scheduler_config(family: str) -> dict:
     return dict(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
         prediction_type="v_prediction" if family == "sd2-v" else "epsilon",
-        timestep_spacing="trailing", steps_offset=1,
+        timestep_spacing="trailing", steps_offset=1, clip_sample=False, set_alpha_to_one=False,
+        interpolation_type="linear", use_karras_sigmas=False,
     )
 
 
@@ -79,7 +80,8 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
     if xl:
-        te2_cfg = dict(te_cfg, hidden_act="gelu", projection_dim=te_dim)
+        # The two encoders must differ in width (as CLIP-L 768 / bigG 1280 do): converters tell them apart by it.
+        te2_cfg = dict(te_cfg, hidden_size=48, intermediate_size=64, hidden_act="gelu", projection_dim=te_dim)
         if size == "full":
             te_cfg = dict(te_cfg, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                           hidden_act="quick_gelu")
@@ -105,7 +107,7 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
         "vae": AutoencoderKL(latent_channels=4, **vae_cfg),
         "text_encoder": CLIPTextModel(CLIPTextConfig(**te_cfg)),
         "tokenizer": tokenizer,
-        "scheduler": EulerDiscreteScheduler(**_scheduler_config(family)),
+        "scheduler": EulerDiscreteScheduler.from_config(_scheduler_config(family)),
         "text_encoder_2": None,
         "tokenizer_2": None,
     }

@@ -31,6 +31,7 @@ import torch
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
 RULES = ("consistency", "tcd", "ancestral")
+INIT_NOISE = ("unit", "sigma_max")
 
 
 def alphas_cumprod(beta_start: float = 0.00085, beta_end: float = 0.012, num_train_timesteps: int = 1000,
@@ -148,7 +149,7 @@ class FewStepSampler:
     """
 
     def __init__(self, schedule: NoiseSchedule, timesteps: Sequence[float], prediction_type: str,
-                 rule: StepRule = StepRule(), timestep_shift: float = 1.0):
+                 rule: StepRule = StepRule(), timestep_shift: float = 1.0, init_noise: str = "unit"):
         schedule.check_timesteps(timesteps)
         if prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"`prediction_type` must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
@@ -158,6 +159,9 @@ class FewStepSampler:
             raise ValueError("Rectified-flow models support deterministic steps only (rule='tcd', gamma=0).")
         if not 0.0 < timestep_shift <= 1.0:
             raise ValueError(f"`timestep_shift` must be in (0, 1], got {timestep_shift}.")
+        if init_noise not in INIT_NOISE:
+            raise ValueError(f"`init_noise` must be one of {INIT_NOISE}, got {init_noise!r}.")
+        self.init_noise = init_noise
         self.schedule = schedule
         self.timesteps = [float(t) for t in timesteps]
         self.prediction_type = prediction_type
@@ -166,6 +170,14 @@ class FewStepSampler:
 
     def __len__(self) -> int:
         return len(self.timesteps)
+
+    def initial_scale(self) -> torch.Tensor | float:
+        """x_T = scale·z for z ~ N(0, I). "unit": 1 (LCM/TCD/DDIM, the papers). "sigma_max": b(t_0) = √(1−ᾱ_T), what
+        diffusers' Euler schedulers do for trailing/linspace spacing (they start at σ_max·z in σ-space, not at
+        √(σ_max²+1)·z), and hence what SD-Turbo/SDXL-Turbo/SDXL-Lightning model cards run."""
+        if self.init_noise == "unit":
+            return 1.0
+        return self.schedule.scales(self.model_timestep(0))[1]
 
     def model_timestep(self, i: int) -> float:
         """The timestep fed to the network at step ``i``."""

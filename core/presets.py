@@ -48,6 +48,7 @@ class Preset:
     nasa_alpha: float | None = None  # SNOOPI's NASA α for this backbone (None: the paper gives none)
     notes: str = ""
     schedule: str = "vp"  # "vp" | "flow"
+    init_noise: str = "unit"  # "sigma_max" for recipes run with diffusers' Euler schedulers (see FewStepSampler)
 
     def timesteps_for(self, steps: int | None) -> tuple[float, ...]:
         steps = self.default_steps if steps is None else steps
@@ -67,11 +68,12 @@ _PRESET_LIST = [
     Preset("sd-turbo", ("sd2",), "epsilon", {n: trailing_timesteps(n) for n in (1, 2, 3, 4)}, 1, _EULER,
            reference="EulerDiscreteScheduler(timestep_spacing='trailing') — the sd-turbo folder's own scheduler",
            source="stabilityai/sd-turbo model card and scheduler_config.json", nasa_alpha=0.2,
-           notes="ADD; 1–4 steps, guidance 0"),
+           notes="ADD; 1–4 steps, guidance 0", init_noise="sigma_max"),
     Preset("sdxl-turbo", ("sdxl",), "epsilon", {n: trailing_timesteps(n) for n in (1, 2, 3, 4)}, 1,
            StepRule("ancestral"),
            reference="EulerAncestralDiscreteScheduler(timestep_spacing='trailing') — the sdxl-turbo folder's",
-           source="stabilityai/sdxl-turbo model card and scheduler_config.json", notes="ADD; trained at 512²"),
+           source="stabilityai/sdxl-turbo model card and scheduler_config.json", notes="ADD; trained at 512²",
+           init_noise="sigma_max"),
     Preset("swiftbrush-v2", ("sd2",), "epsilon", {1: (999,)}, 1, StepRule("consistency"),
            reference="official formula x0 = (z − √(1−ᾱ_999)·ε)/√ᾱ_999 (VinAIResearch/SwiftBrush infer.py)",
            source="SwiftBrush v2 (ECCV 2024); UNet fine-tuned from SD-Turbo", nasa_alpha=0.30,
@@ -102,11 +104,13 @@ _PRESET_LIST = [
            notes="full LCM UNets embed guidance (time_cond_proj_dim); LCM-LoRAs ignore guidance_scale"),
     Preset("sdxl-lightning-1step", ("sdxl",), "sample", {1: (999,)}, 1, _EULER,
            reference="EulerDiscreteScheduler(timestep_spacing='trailing', prediction_type='sample')",
-           source="ByteDance/SDXL-Lightning model card (sdxl_lightning_1step_unet_x0)", notes="x0-prediction UNet"),
+           source="ByteDance/SDXL-Lightning model card (sdxl_lightning_1step_unet_x0)", notes="x0-prediction UNet",
+           init_noise="sigma_max"),
     *[
         Preset(f"sdxl-lightning-{n}step", ("sdxl",), "epsilon", {n: trailing_timesteps(n)}, n, _EULER,
                reference="EulerDiscreteScheduler(timestep_spacing='trailing'), guidance 0",
-               source="ByteDance/SDXL-Lightning model card", notes="step count must match the checkpoint")
+               source="ByteDance/SDXL-Lightning model card", notes="step count must match the checkpoint",
+               init_noise="sigma_max")
         for n in (2, 4, 8)
     ],
     *[

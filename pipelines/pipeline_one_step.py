@@ -242,17 +242,18 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             timesteps = preset.timesteps_for(num_inference_steps)
         if preset is not None:
             prediction_type, rule, shift = preset.prediction_type, preset.rule, preset.timestep_shift
+            init_noise = preset.init_noise
             folder_pred = self.scheduler.config.get("prediction_type", "epsilon")
             if prediction_type != "flow" and folder_pred != prediction_type:
                 logger.warning("Preset %r uses prediction_type=%r; the folder's scheduler says %r. Using the preset's.",
                                preset.name, prediction_type, folder_pred)
         else:
             prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
-            rule, shift = onestep.StepRule("consistency"), 1.0
+            rule, shift, init_noise = onestep.StepRule("consistency"), 1.0, "unit"
         if gamma is not None:  # CTM/TCD gamma sampling instead of the preset's rule
-            rule = onestep.StepRule("tcd", gamma=gamma, final=rule.final if rule.rule == "tcd" else "x0",
+            rule = onestep.StepRule("tcd", gamma=gamma, final=rule.final if rule.rule == "tcd" else "t0",
                                     boundary=rule.boundary)
-        return onestep.FewStepSampler(self.noise_schedule(preset), timesteps, prediction_type, rule, shift)
+        return onestep.FewStepSampler(self.noise_schedule(preset), timesteps, prediction_type, rule, shift, init_noise)
 
     # ------------------------------------------------------------------ call
     @torch.no_grad()
@@ -334,6 +335,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = latents * sampler.initial_scale()
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         else:
