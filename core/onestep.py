@@ -184,7 +184,7 @@ class FewStepSampler:
         t = self.timesteps[i]
         if self.timestep_shift != 1.0:
             t = math.floor(t * self.timestep_shift)
-        return t
+        return int(t) if self.schedule.kind == "vp" else t
 
     def step(self, model_output: torch.Tensor, i: int, x: torch.Tensor,
              noise: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

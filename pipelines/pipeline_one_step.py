@@ -301,7 +301,8 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         """
         # 1. Check inputs
         default_size = self.unet.config.sample_size * self.vae_scale_factor
-        height, width = height or default_size, width or default_size
+        height = default_size if height is None else height
+        width = default_size if width is None else width
         self.check_inputs(prompt, prompt_embeds, height, width, num_images_per_prompt, output_type,
                           callback_on_step_end_tensor_inputs)
         preset_obj = self.resolve_preset(preset)
