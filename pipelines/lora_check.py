@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight")
+_DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight",
+                  "_lora.down.weight")  # the last: attention-processor layout diffusers converts kohya keys to
 _PREFIXES = ("unet", "text_encoder", "text_encoder_2")
 
 
@@ -59,5 +60,5 @@ def check_loaded(state_dict: dict, pipe, adapter: str, source: str) -> None:
             model = type(getattr(pipe, prefix)).__name__
             raise ValueError(
                 f"{source}: {len(got)} of {len(modules)} LoRA layers for `{prefix}` match this {model}; "
-                f"unmatched e.g. {missing}. Is the LoRA for another base model?"
+                f"unmatched e.g. {missing}; these weights would be silently ignored. Is the LoRA for another base model?"
             )

@@ -125,12 +125,26 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         """
         source = pretrained_model_name_or_path_or_dict
         source = "state dict" if isinstance(source, dict) else Path(str(source)).name
-        state_dict = pretrained_model_name_or_path_or_dict
-        if not isinstance(state_dict, dict):
-            state_dict, _ = self.lora_state_dict(state_dict, unet_config=self.unet.config, **kwargs)
+        try:
+            state_dict, _ = self.lora_state_dict(pretrained_model_name_or_path_or_dict, unet_config=self.unet.config,
+                                                 **kwargs)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"{source}: not a LoRA layout diffusers can read (diffusers/peft or kohya): {e}") from e
         lora_check.check_targets(state_dict, self, source)
         before = {a for v in self.get_list_adapters().values() for a in v}
-        super().load_lora_weights(dict(state_dict), adapter_name=adapter_name)
+        # The file is read a second time here on purpose: diffusers takes the alphas from the file's metadata
+        # (peft `lora_alpha`) only when it reads the file itself; a converted dict would lose them.
+        try:
+            super().load_lora_weights(pretrained_model_name_or_path_or_dict, adapter_name=adapter_name, **kwargs)
+        except ValueError as e:
+            if "not found in the base model" not in str(e):
+                raise
+            unet_keys = sorted(lora_check.expected_modules(state_dict)["unet"])
+            raise ValueError(
+                f"{source}: 0 of {len(unet_keys)} LoRA layers match this {FAMILY_NAMES[self.family]} UNet; expected "
+                f"module paths like `down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q`, found e.g. "
+                f"{unet_keys[:2]}. Is the LoRA for another base model?"
+            ) from e
         after = {a for v in self.get_list_adapters().values() for a in v}
         new = sorted(after - before) or ([adapter_name] if adapter_name else [])
         if not new:
