@@ -1,0 +1,50 @@
+"""The `swiftstep` CLI: images with their parameters embedded, both model formats, clear errors."""
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from swiftstep.cli import main
+from swiftstep.pipelines import OneStepPipeline
+
+
+def test_generate_writes_png_with_parameters_and_matches_the_pipeline(models, tmp_path):
+    out = tmp_path / "fox.png"
+    rc = main(["generate", "--model", str(models["sdxl"]["folder"]), "--prompt", "a red fox", "--preset",
+               "dmd2-sdxl-4step", "--seed", "7", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    image = Image.open(out)
+    meta = json.loads(image.text["swiftstep"])
+    assert meta["preset"] == "dmd2-sdxl-4step" and meta["timesteps"] == [999, 749, 499, 249] and meta["seed"] == 7
+    assert "Seed: 7" in image.text["parameters"] and image.text["parameters"].startswith("a red fox")
+    pipe = OneStepPipeline.from_pretrained(models["sdxl"]["folder"])
+    ref = pipe("a red fox", preset="dmd2-sdxl-4step", generator=torch.Generator().manual_seed(7)).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref))
+
+
+def test_generate_from_single_file_with_local_config(models, tmp_path):
+    out = tmp_path / "one.png"
+    rc = main(["generate", "--model", str(models["sd1"]["single_file"]), "--config", str(models["sd1"]["folder"]),
+               "--prompt", "a boat", "--timesteps", "999", "--num-images", "2", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    assert (tmp_path / "one_0.png").is_file() and (tmp_path / "one_1.png").is_file()
+
+
+def test_bad_preset_exits_with_a_message(models, tmp_path, capsys):
+    rc = main(["generate", "--model", str(models["sd1"]["folder"]), "--prompt", "x", "--preset", "turbo",
+               "--out", str(tmp_path / "x.png"), "--device", "cpu"])
+    assert rc == 2
+    assert "Unknown preset 'turbo'; valid presets: sd-turbo" in capsys.readouterr().err
+
+
+def test_missing_model_exits_with_a_message(tmp_path, capsys):
+    rc = main(["generate", "--model", str(tmp_path / "nope.safetensors"), "--prompt", "x", "--device", "cpu"])
+    assert rc == 2
+    assert "No checkpoint file at" in capsys.readouterr().err
+
+
+def test_selftest_runs_offline(tmp_path, capsys):
+    assert main(["selftest", "--out", str(tmp_path / "s.png")]) == 0
+    assert "selftest OK" in capsys.readouterr().out
