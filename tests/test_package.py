@@ -2,7 +2,11 @@
 
 import subprocess
 import sys
+import zipfile
 from importlib import metadata
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_import_swiftstep_imports_neither_diffusers_nor_comfyui():
@@ -13,11 +17,16 @@ def test_import_swiftstep_imports_neither_diffusers_nor_comfyui():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def test_installed_files_stay_inside_the_swiftstep_package():
-    files = metadata.files("swiftstep") or []
-    tops = {f.parts[0] for f in files if not f.parts[0].endswith((".dist-info", ".pth")) and f.parts[0] != ".."}
-    tops = {t for t in tops if not t.startswith("__editable__")}
-    assert tops <= {"swiftstep"}, tops
+def test_wheel_holds_only_the_swiftstep_package(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+                             "-w", str(tmp_path), str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("swiftstep-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
+    assert tops == {"swiftstep"}, tops  # never a top-level `nodes`/`pipelines` that would shadow ComfyUI's
+    assert "swiftstep/pipelines/pipeline_one_step.py" in names and "swiftstep/cli.py" in names
+    assert not any(n.startswith("swiftstep/tests/") for n in names)
 
 
 def test_console_script_is_declared():
