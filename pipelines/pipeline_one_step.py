@@ -177,34 +177,38 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             cfg.get("beta_start", 0.00085), cfg.get("beta_end", 0.012), cfg.get("num_train_timesteps", 1000),
             cfg.get("beta_schedule", "scaled_linear")))
 
-    def _tokenize(self, tokenizer, prompt: list[str]) -> torch.Tensor:
+    @staticmethod
+    def _tokenize(tokenizer, prompt: list[str], device) -> torch.Tensor:
         ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return ids.to(self._execution_device)
+        return ids.to(device)
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: list[str], num_images_per_prompt: int = 1):
+    def encode_prompt(self, prompt: list[str], num_images_per_prompt: int = 1, device=None):
         """(prompt_embeds, pooled_prompt_embeds or None), repeated `num_images_per_prompt` times per prompt.
 
         SD1/SD2: the encoder's last hidden state. SDXL: penultimate hidden states of both encoders concatenated, and
         the projected pooled output of the second (as `StableDiffusionXLPipeline` with clip_skip=None).
         """
+        # `_execution_device` and `.dtype` walk every module: look them up once per call, not per use.
+        device = device or self._execution_device
+        dtype = self.unet.dtype
         if self.family != "sdxl":
-            embeds = self.text_encoder(self._tokenize(self.tokenizer, prompt))[0]
+            embeds = self.text_encoder(self._tokenize(self.tokenizer, prompt, device))[0]
             pooled = None
         else:
             hidden = []
             for tok, enc in ((self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)):
-                out = enc(self._tokenize(tok, prompt), output_hidden_states=True)
+                out = enc(self._tokenize(tok, prompt, device), output_hidden_states=True)
                 hidden.append(out.hidden_states[-2])
             pooled = out[0]  # text_embeds of CLIPTextModelWithProjection, [B, proj]
             embeds = torch.cat(hidden, dim=-1)
-        embeds = embeds.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        embeds = embeds.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if pooled is not None:
-            pooled = pooled.to(self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            pooled = pooled.to(dtype).repeat_interleave(num_images_per_prompt, dim=0)
         return embeds, pooled
 
-    def _add_time_ids(self, original_size, crops_coords_top_left, target_size, batch: int) -> torch.Tensor:
+    def _add_time_ids(self, original_size, crops_coords_top_left, target_size, batch: int, device, dtype):
         ids = list(original_size) + list(crops_coords_top_left) + list(target_size)
         expected = self.unet.config.addition_time_embed_dim * len(ids) + self.text_encoder_2.config.projection_dim
         actual = self.unet.add_embedding.linear_1.in_features
@@ -213,7 +217,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                 f"SDXL micro-conditioning expects {actual} features but got {expected}; is `text_encoder_2` the "
                 f"encoder this UNet was trained with?"
             )
-        return torch.tensor([ids], dtype=self.unet.dtype, device=self._execution_device).repeat(batch, 1)
+        return torch.tensor([ids], dtype=dtype, device=device).repeat(batch, 1)
 
     def check_inputs(self, prompt, prompt_embeds, height, width, num_images_per_prompt, output_type,
                      callback_on_step_end_tensor_inputs):
@@ -322,14 +326,14 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         preset_obj = self.resolve_preset(preset)
         sampler = self.make_sampler(preset_obj, num_inference_steps, timesteps, gamma)
         self._interrupt = False
-        device = self._execution_device
+        device, dtype = self._execution_device, self.unet.dtype
 
         # 2. Encode the prompt
         if prompt is not None:
             prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-            prompt_embeds, pooled = self.encode_prompt(prompts, num_images_per_prompt)
+            prompt_embeds, pooled = self.encode_prompt(prompts, num_images_per_prompt, device)
         else:
-            prompt_embeds = prompt_embeds.to(device, self.unet.dtype).repeat_interleave(num_images_per_prompt, dim=0)
+            prompt_embeds = prompt_embeds.to(device, dtype).repeat_interleave(num_images_per_prompt, dim=0)
             pooled = None
         batch = prompt_embeds.shape[0]
 
@@ -337,30 +341,30 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         added_cond_kwargs = None
         if self.family == "sdxl":
             add_time_ids = self._add_time_ids(original_size or (height, width), crops_coords_top_left,
-                                              target_size or (height, width), batch)
+                                              target_size or (height, width), batch, device, dtype)
             added_cond_kwargs = {"text_embeds": pooled, "time_ids": add_time_ids}
         timestep_cond = None
         if self.unet.config.time_cond_proj_dim is not None:
             w = guidance_scale if guidance_scale is not None else (preset_obj and preset_obj.guidance_scale) or 8.5
             w_tensor = torch.full((batch,), w - 1.0)  # LCM embeds w − 1 (no CFG batch)
             timestep_cond = onestep.guidance_scale_embedding(w_tensor, self.unet.config.time_cond_proj_dim)
-            timestep_cond = timestep_cond.to(device=device, dtype=self.unet.dtype)
+            timestep_cond = timestep_cond.to(device=device, dtype=dtype)
 
         # 4. Initial noise (first generator draw)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = latents * sampler.initial_scale()
         elif tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
         else:
-            latents = latents.to(device, self.unet.dtype)
+            latents = latents.to(device, dtype)
 
         def noise() -> torch.Tensor:
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
 
         # 5. Sampling loop
-        x0 = latents
+        x0, finite = latents, []
         with self.progress_bar(total=len(sampler)) as progress:
             for i in range(len(sampler)):
                 if self.interrupt:
@@ -371,16 +375,20 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                                 added_cond_kwargs=added_cond_kwargs, cross_attention_kwargs=cross_attention_kwargs,
                                 return_dict=False)[0]
                 latents, x0 = sampler.step(out, i, latents, noise)
-                if not torch.isfinite(latents).all():
-                    raise FloatingPointError(
-                        f"NaN/inf in latents after step {i + 1} (t={t}) in {latents.dtype}; run the UNet in bfloat16 "
-                        f"or float32 (`torch_dtype=torch.bfloat16`)."
-                    )
+                finite.append(torch.isfinite(latents).all())  # checked after the loop: no host sync per step
                 if callback_on_step_end is not None:
                     local = {"latents": latents, "x0": x0, "prompt_embeds": prompt_embeds}
                     out_kwargs = callback_on_step_end(self, i, t, {k: local[k] for k in callback_on_step_end_tensor_inputs})
                     latents = out_kwargs.pop("latents", latents)
                 progress.update()
+
+        bad = (~torch.stack(finite)).nonzero() if finite else []
+        if len(bad):
+            i = int(bad[0])
+            raise FloatingPointError(
+                f"NaN/inf in latents after step {i + 1} (t={sampler.model_timestep(i)}) in {latents.dtype}; run the "
+                f"UNet in bfloat16 or float32 (`dtype=torch.bfloat16`)."
+            )
 
         # 6. Decode
         if output_type == "latent":
@@ -401,7 +409,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         if upcast:
             vae.to(torch.float32)
         try:
-            z = latents.to(vae.dtype) / vae.config.scaling_factor
+            z = latents.to(torch.float32 if upcast else dtype) / vae.config.scaling_factor
             if vae.config.get("shift_factor") is not None:
                 z = z + vae.config.shift_factor
             image = vae.decode(z, return_dict=False)[0]
@@ -410,7 +418,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                 vae.to(dtype)
         if not torch.isfinite(image).all():
             raise FloatingPointError(
-                f"NaN/inf in the decoded image ({vae.dtype} VAE); decode in float32 or bfloat16 "
+                f"NaN/inf in the decoded image ({image.dtype} VAE); decode in float32 or bfloat16 "
                 f"(e.g. `pipe.vae.to(torch.float32)`), or use an fp16-fixed VAE."
             )
         return image
