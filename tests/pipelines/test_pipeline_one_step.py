@@ -197,3 +197,26 @@ def test_model_cpu_offload_gives_the_same_image(pipes):
         pipe.remove_all_hooks()
         pipe.to("cpu")
     torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_stock_diffusers_folders_load_and_imply_their_preset(pipes, tmp_path):
+    """Folders written by stock pipelines (what users download) load directly; extra components are ignored."""
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline
+
+    from ..fixtures import stock_pipeline
+
+    src = pipes["sdxl"]
+    turbo_scheduler = EulerAncestralDiscreteScheduler.from_config(src.scheduler.config, timestep_spacing="trailing")
+    stock = stock_pipeline(src, turbo_scheduler)
+    assert isinstance(stock, StableDiffusionXLPipeline)
+    stock.save_pretrained(tmp_path / "sdxl-turbo-like")
+    pipe = OneStepPipeline.from_pretrained(tmp_path / "sdxl-turbo-like")
+    assert pipe.resolve_preset(None).name == "sdxl-turbo"
+    pipe.set_progress_bar_config(disable=True)
+    a = pipe(PROMPT, generator=gen(), output_type="latent").images
+    b = stock(PROMPT, num_inference_steps=1, guidance_scale=0.0, generator=gen(), output_type="latent").images
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
+
+    sd1 = stock_pipeline(pipes["sd1"], pipes["sd1"].scheduler)  # safety_checker/feature_extractor saved as null
+    sd1.save_pretrained(tmp_path / "sd15-like")
+    assert OneStepPipeline.from_pretrained(tmp_path / "sd15-like").family == "sd1"
