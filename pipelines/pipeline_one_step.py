@@ -16,7 +16,6 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.loaders import FromSingleFileMixin, StableDiffusionXLLoraLoaderMixin
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
-from diffusers.schedulers import KarrasDiffusionSchedulers  # noqa: F401  (documented scheduler types)
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
