@@ -224,3 +224,32 @@ class FewStepSampler:
             return x_s, x0
         ratio = sched.alpha_bar(t_next) / sched.alpha_bar(t_s)  # ᾱ_next/ᾱ_s
         return ratio.sqrt() * x_s + (1 - ratio).sqrt() * noise(), x0
+
+
+def sample_sigma_space(denoise: Callable[[torch.Tensor, float], torch.Tensor], sampler: FewStepSampler,
+                       noise: torch.Tensor, noise_fn: Callable[[], torch.Tensor],
+                       latent: torch.Tensor | None = None,
+                       on_step: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None) -> torch.Tensor:
+    """Run `sampler` through a σ-space denoiser, the k-diffusion / ComfyUI convention.
+
+    ``denoise(x_ve, σ)`` returns x0 for ``x_ve = x0 + σ·eps`` with ``σ = b/a``; the VP sample the sampler works on is
+    ``x = a·x_ve``. Starting point, from the raw unit noise ``z``: text-to-image (``latent`` None or all zeros) starts
+    at ``x = initial_scale·z`` exactly like `OneStepPipeline` (pure noise even when ``t_0 < T``, as DMD2's 1-step
+    model expects); otherwise ``x = a_0·latent + b_0·z`` (the forward process at ``t_0``, for img2img).
+    ``on_step(i, x0, x_next)`` runs after every step. Returns the final VP sample (the clean latent).
+    """
+    if sampler.prediction_type != "sample":
+        raise ValueError("sample_sigma_space feeds x0 to the sampler: build it with prediction_type='sample'.")
+    if latent is None or not torch.any(latent):
+        x = noise * sampler.initial_scale()
+    else:
+        a0, b0 = sampler.schedule.scales(sampler.timesteps[0])
+        x = a0 * latent + b0 * noise
+    for i in range(len(sampler)):
+        a, b = sampler.schedule.scales(sampler.model_timestep(i))
+        # the network sees x at its (possibly shifted) timestep: x_ve = x/a, σ = b/a
+        x0 = denoise(x / a, float(b / a))
+        x, x0 = sampler.step(x0, i, x, noise_fn)
+        if on_step is not None:
+            on_step(i, x0, x)
+    return x

@@ -1,0 +1,12 @@
+"""ComfyUI adapters (V3 schema). Imported by ComfyUI through the root `comfy_entrypoint`, never by `import swiftstep`."""
+
+from comfy_api.latest import ComfyExtension, io
+
+from . import one_step_nodes
+
+NODE_MODULES = [one_step_nodes]
+
+
+class SwiftStepExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return [node for module in NODE_MODULES for node in module.NODES]

@@ -1,0 +1,326 @@
+"""Small hand-written stand-ins for the parts of ComfyUI 0.3.64 our nodes touch, with the real names and signatures.
+
+`install()` puts them in `sys.modules` as `comfy_api.latest`, `comfy.samplers`, `comfy.model_sampling` and
+`comfy.model_management`. They follow ComfyUI's source (comfy/samplers.py KSAMPLER, comfy/model_sampling.py
+ModelSamplingDiscrete + EPS/V_PREDICTION/X0, comfy_api/latest/_io.py) closely enough that a node that works here
+calls ComfyUI the way ComfyUI expects; the live tests (tests/comfyui_live) check the real thing.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import types
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+# ----------------------------------------------------------------------------- comfy_api.latest.io
+
+
+@dataclass
+class InputSpec:
+    io_type: str
+    id: str
+    kwargs: dict
+
+
+@dataclass
+class OutputSpec:
+    io_type: str
+    kwargs: dict
+
+
+def _socket(io_type: str):
+    class Socket:
+        @staticmethod
+        def Input(id: str, display_name: str | None = None, optional: bool = False, tooltip: str | None = None,
+                  lazy: bool | None = None, **kwargs):
+            return InputSpec(io_type, id, dict(kwargs, display_name=display_name, optional=optional,
+                                               tooltip=tooltip, lazy=lazy))
+
+        @staticmethod
+        def Output(id: str | None = None, display_name: str | None = None, tooltip: str | None = None,
+                   is_output_list: bool = False):
+            return OutputSpec(io_type, dict(id=id, display_name=display_name, tooltip=tooltip))
+
+    Socket.io_type = io_type
+    Socket.__name__ = io_type
+    return Socket
+
+
+@dataclass
+class Schema:
+    node_id: str
+    display_name: str | None = None
+    category: str = "sd"
+    inputs: list = field(default_factory=list)
+    outputs: list = field(default_factory=list)
+    hidden: list = field(default_factory=list)
+    description: str = ""
+    is_input_list: bool = False
+    is_output_node: bool = False
+    is_deprecated: bool = False
+    is_experimental: bool = False
+    is_api_node: bool = False
+    not_idempotent: bool = False
+    enable_expand: bool = False
+
+
+class NodeOutput:
+    def __init__(self, *args: Any, ui=None, expand=None, block_execution=None):
+        self.args, self.ui = args, ui
+
+    @property
+    def result(self):
+        return self.args or None
+
+
+class ComfyNode:
+    @classmethod
+    def define_schema(cls) -> Schema:
+        raise NotImplementedError
+
+    @classmethod
+    def execute(cls, **kwargs) -> NodeOutput:
+        raise NotImplementedError
+
+
+class ComfyExtension:
+    async def on_load(self) -> None:
+        pass
+
+    async def get_node_list(self) -> list[type[ComfyNode]]:
+        raise NotImplementedError
+
+
+SOCKET_TYPES = {
+    "Model": "MODEL", "Clip": "CLIP", "Vae": "VAE", "Conditioning": "CONDITIONING", "Latent": "LATENT",
+    "Image": "IMAGE", "Mask": "MASK", "Sigmas": "SIGMAS", "Sampler": "SAMPLER", "Noise": "NOISE", "Guider": "GUIDER",
+    "Int": "INT", "Float": "FLOAT", "String": "STRING", "Boolean": "BOOLEAN", "Combo": "COMBO",
+}
+
+# ----------------------------------------------------------------------------- comfy.model_sampling
+
+
+class EPS:
+    def calculate_input(self, sigma, noise):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (noise.ndim - 1))
+        return noise / (sigma**2 + self.sigma_data**2) ** 0.5
+
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        return model_input - model_output * sigma
+
+    def noise_scaling(self, sigma, noise, latent_image, max_denoise=False):
+        if max_denoise:
+            noise = noise * torch.sqrt(1.0 + sigma**2.0)
+        else:
+            noise = noise * sigma
+        return noise + latent_image
+
+    def inverse_noise_scaling(self, sigma, latent):
+        return latent
+
+
+class V_PREDICTION(EPS):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        sigma = sigma.view(sigma.shape[:1] + (1,) * (model_output.ndim - 1))
+        return (model_input * self.sigma_data**2 / (sigma**2 + self.sigma_data**2)
+                - model_output * sigma * self.sigma_data / (sigma**2 + self.sigma_data**2) ** 0.5)
+
+
+class X0(EPS):
+    def calculate_denoised(self, sigma, model_output, model_input):
+        return model_output
+
+
+class CONST:
+    pass
+
+
+class ModelSamplingDiscrete(torch.nn.Module):
+    """Scaled-linear ("linear" in ComfyUI's naming) DDPM schedule, as comfy/model_sampling.py builds it."""
+
+    def __init__(self, model_config=None, zsnr=None):
+        super().__init__()
+        betas = torch.linspace(0.00085**0.5, 0.012**0.5, 1000, dtype=torch.float64) ** 2
+        alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+        sigmas = ((1 - alphas_cumprod) / alphas_cumprod) ** 0.5
+        self.register_buffer("sigmas", sigmas.float())
+        self.register_buffer("log_sigmas", sigmas.log().float())
+        self.sigma_data = 1.0
+
+    @property
+    def sigma_min(self):
+        return self.sigmas[0]
+
+    @property
+    def sigma_max(self):
+        return self.sigmas[-1]
+
+    def timestep(self, sigma):
+        dists = sigma.log() - self.log_sigmas[:, None]
+        return dists.abs().argmin(dim=0).view(sigma.shape)
+
+    def sigma(self, timestep):
+        t = torch.clamp(timestep.float(), min=0, max=len(self.sigmas) - 1)
+        low, high, w = t.floor().long(), t.ceil().long(), t.frac()
+        return ((1 - w) * self.log_sigmas[low] + w * self.log_sigmas[high]).exp()
+
+
+class ModelSamplingDiscreteEDM(ModelSamplingDiscrete):
+    pass
+
+
+def model_sampling(kind=EPS):
+    return type("ModelSampling", (ModelSamplingDiscrete, kind), {})()
+
+
+# ----------------------------------------------------------------------------- comfy.model_management
+
+INTERRUPT = {"flag": False}
+
+
+class InterruptProcessingException(Exception):
+    pass
+
+
+def throw_exception_if_processing_interrupted():
+    if INTERRUPT["flag"]:
+        INTERRUPT["flag"] = False
+        raise InterruptProcessingException()
+
+
+# ----------------------------------------------------------------------------- comfy.samplers
+
+
+class KSamplerX0Inpaint:
+    def __init__(self, model, sigmas):
+        self.inner_model = model
+        self.sigmas = sigmas
+
+    def __call__(self, x, sigma, denoise_mask=None, model_options={}, seed=None):
+        return self.inner_model(x, sigma, model_options=model_options, seed=seed)
+
+
+class Sampler:
+    def max_denoise(self, model_wrap, sigmas):
+        max_sigma = float(model_wrap.inner_model.model_sampling.sigma_max)
+        sigma = float(sigmas[0])
+        return math.isclose(max_sigma, sigma, rel_tol=1e-05) or sigma > max_sigma
+
+
+class KSAMPLER(Sampler):
+    def __init__(self, sampler_function, extra_options={}, inpaint_options={}):
+        self.sampler_function = sampler_function
+        self.extra_options = extra_options
+        self.inpaint_options = inpaint_options
+
+    def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
+               disable_pbar=False):
+        extra_args["denoise_mask"] = denoise_mask
+        model_k = KSamplerX0Inpaint(model_wrap, sigmas)
+        model_k.latent_image = latent_image
+        model_k.noise = noise
+        noise = model_wrap.inner_model.model_sampling.noise_scaling(sigmas[0], noise, latent_image,
+                                                                     self.max_denoise(model_wrap, sigmas))
+        k_callback = None
+        total_steps = len(sigmas) - 1
+        if callback is not None:
+            k_callback = lambda x: callback(x["i"], x["denoised"], x["x"], total_steps)  # noqa: E731
+        samples = self.sampler_function(model_k, noise, sigmas, extra_args=extra_args, callback=k_callback,
+                                        disable=disable_pbar, **self.extra_options)
+        return model_wrap.inner_model.model_sampling.inverse_noise_scaling(sigmas[-1], samples)
+
+
+# ----------------------------------------------------------------------------- models
+
+
+class FakeBaseModel:
+    """comfy.model_base.BaseModel's sampling surface around a diffusers UNet: apply_model(x, σ) → x0."""
+
+    def __init__(self, unet, model_sampling, config_name="SD15", added_cond_kwargs=None):
+        self.diffusion_model = unet
+        self.model_sampling = model_sampling
+        self.model_config = type(config_name, (), {})()
+        self.added_cond_kwargs = added_cond_kwargs
+
+    def apply_model(self, x, t, c_crossattn=None, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x)
+        timestep = self.model_sampling.timestep(sigma).float()
+        out = self.diffusion_model(xc, timestep, encoder_hidden_states=c_crossattn,
+                                   added_cond_kwargs=self.added_cond_kwargs).sample
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+
+class FakeModelPatcher:
+    """The ModelPatcher methods our nodes use (comfy/model_patcher.py names and signatures)."""
+
+    def __init__(self, model: FakeBaseModel):
+        self.model = model
+        self.model_options = {"transformer_options": {}}
+        self.clones = 0
+
+    def clone(self):
+        n = FakeModelPatcher(self.model)
+        n.model_options = {**self.model_options,
+                           "transformer_options": dict(self.model_options["transformer_options"])}
+        self.clones += 1
+        return n
+
+    def get_model_object(self, name: str):
+        if name == "model_sampling":
+            return self.model.model_sampling
+        return getattr(self.model, name)
+
+
+class FakeGuider:
+    """What KSAMPLER receives as `model_wrap` (a CFGGuider at cfg 1): `inner_model` is the BaseModel."""
+
+    def __init__(self, patcher: FakeModelPatcher, cond: torch.Tensor):
+        self.inner_model = patcher.model
+        self.cond = cond
+
+    def __call__(self, x, sigma, model_options={}, seed=None):
+        return self.inner_model.apply_model(x, sigma, c_crossattn=self.cond)
+
+
+def sample_custom(patcher, sampler, sigmas, cond, latent, seed, callback=None):
+    """comfy.sample.sample_custom at cfg 1: prepare_noise(seed), then sampler.sample(...)."""
+    noise = torch.randn(latent.size(), dtype=latent.dtype, generator=torch.manual_seed(seed), device="cpu")
+    return sampler.sample(FakeGuider(patcher, cond), sigmas, {"seed": seed}, callback, noise, latent)
+
+
+# ----------------------------------------------------------------------------- install
+
+
+def install(monkeypatch) -> types.SimpleNamespace:
+    io = types.ModuleType("comfy_api.latest.io")
+    for name, io_type in SOCKET_TYPES.items():
+        setattr(io, name, _socket(io_type))
+    io.Schema, io.NodeOutput, io.ComfyNode = Schema, NodeOutput, ComfyNode
+    latest = types.ModuleType("comfy_api.latest")
+    latest.io, latest.ComfyExtension = io, ComfyExtension
+    comfy_api = types.ModuleType("comfy_api")
+    comfy_api.latest = latest
+
+    comfy = types.ModuleType("comfy")
+    samplers = types.ModuleType("comfy.samplers")
+    samplers.KSAMPLER, samplers.Sampler, samplers.KSamplerX0Inpaint = KSAMPLER, Sampler, KSamplerX0Inpaint
+    ms = types.ModuleType("comfy.model_sampling")
+    for cls in (EPS, V_PREDICTION, X0, CONST, ModelSamplingDiscrete, ModelSamplingDiscreteEDM):
+        setattr(ms, cls.__name__, cls)
+    mm = types.ModuleType("comfy.model_management")
+    mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.InterruptProcessingException = InterruptProcessingException
+    comfy.samplers, comfy.model_sampling, comfy.model_management = samplers, ms, mm
+
+    for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
+                         "comfy.samplers": samplers, "comfy.model_sampling": ms, "comfy.model_management": mm}.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    for name in [m for m in sys.modules if m.startswith("swiftstep.nodes")]:
+        monkeypatch.delitem(sys.modules, name)
+    return types.SimpleNamespace(io=io, samplers=samplers, model_sampling=ms, model_management=mm)

@@ -1,0 +1,144 @@
+"""SwiftStepPresetSigmas / SwiftStepOneStepSampler against ComfyUI fakes and the diffusers OneStepPipeline."""
+
+import asyncio
+
+import pytest
+import torch
+
+from swiftstep.core.presets import PRESETS
+from swiftstep.pipelines import OneStepPipeline
+
+from .. import comfy_fakes as fakes
+from ..fixtures import gen
+
+PROMPT = "a lighthouse at dusk"
+
+
+@pytest.fixture
+def comfy(monkeypatch):
+    return fakes.install(monkeypatch)
+
+
+@pytest.fixture
+def nodes(comfy):
+    from swiftstep.nodes import one_step_nodes
+
+    return one_step_nodes
+
+
+@pytest.fixture(scope="module")
+def pipes(models):
+    out = {f: OneStepPipeline.from_pretrained(models[f]["folder"]) for f in ("sd1", "sd2", "sdxl")}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out
+
+
+def patcher_for(pipe, kind=fakes.EPS, config=None):
+    embeds, pooled = pipe.encode_prompt([PROMPT])
+    added = None
+    if pipe.family == "sdxl":
+        added = {"text_embeds": pooled, "time_ids": pipe._add_time_ids((32, 32), (0, 0), (32, 32), 1, "cpu",
+                                                                       torch.float32)}
+    config = config or {"sd1": "SD15", "sd2": "SD20", "sdxl": "SDXL"}[pipe.family]
+    base = fakes.FakeBaseModel(pipe.unet, fakes.model_sampling(kind), config, added)
+    return fakes.FakeModelPatcher(base), embeds
+
+
+def run_comfy(nodes, patcher, cond, preset, steps=0, gamma=-1.0, seed=0, callback=None):
+    (sigmas,) = nodes.SwiftStepPresetSigmas.execute(patcher, preset, steps).args
+    (sampler,) = nodes.SwiftStepOneStepSampler.execute(preset, gamma).args
+    latent = torch.zeros(1, 4, 16, 16)
+    return fakes.sample_custom(patcher, sampler, sigmas, cond, latent, seed, callback)
+
+
+@pytest.mark.parametrize("family,preset,steps", [
+    ("sd2", "sd-turbo", 1), ("sd2", "sd-turbo", 4), ("sd1", "tcd", 4), ("sd1", "lcm", 2),
+    ("sd1", "hyper-sd-lora", 4), ("sdxl", "dmd2-sdxl-4step", 0), ("sdxl", "dmd2-sdxl-1step", 0),
+    ("sdxl", "sdxl-turbo", 2), ("sdxl", "nitrofusion-realism", 4), ("sdxl", "hyper-sd-lora-1step", 3),
+])
+def test_comfy_sampling_equals_the_diffusers_pipeline(nodes, pipes, family, preset, steps):
+    pipe = pipes[family]
+    patcher, embeds = patcher_for(pipe)
+    got = run_comfy(nodes, patcher, embeds, preset, steps, seed=5)
+    ref = pipe(PROMPT, preset=preset, num_inference_steps=steps or None, generator=gen(5),
+               output_type="latent").images
+    err = (got - ref).abs().max().item()
+    assert err <= 1e-4 * max(1.0, ref.abs().max().item()), err
+
+
+def test_gamma_override_equals_pipeline_gamma(nodes, pipes):
+    pipe = pipes["sd1"]
+    patcher, embeds = patcher_for(pipe)
+    got = run_comfy(nodes, patcher, embeds, "lcm", 4, gamma=0.5, seed=1)
+    ref = pipe(PROMPT, preset="lcm", num_inference_steps=4, gamma=0.5, generator=gen(1), output_type="latent").images
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_preset_sigmas_are_the_models_own(nodes, pipes):
+    patcher, _ = patcher_for(pipes["sdxl"])
+    (sigmas,) = nodes.SwiftStepPresetSigmas.execute(patcher, "dmd2-sdxl-4step", 0).args
+    ms = patcher.get_model_object("model_sampling")
+    torch.testing.assert_close(sigmas, torch.cat([ms.sigma(torch.tensor([999.0, 749, 499, 249])), torch.zeros(1)]))
+    (one,) = nodes.SwiftStepPresetSigmas.execute(patcher, "dmd2-sdxl-1step", 0).args
+    assert one.shape == (2,) and ms.timestep(one[:1]).item() == 399
+
+
+def test_progress_callback_per_step_and_interrupt(nodes, pipes, comfy):
+    pipe = pipes["sd1"]
+    patcher, embeds = patcher_for(pipe)
+    seen = []
+    run_comfy(nodes, patcher, embeds, "tcd", 4, callback=lambda i, x0, x, total: seen.append((i, total)))
+    assert seen == [(0, 4), (1, 4), (2, 4), (3, 4)]
+    fakes.INTERRUPT["flag"] = True
+    with pytest.raises(fakes.InterruptProcessingException):
+        run_comfy(nodes, patcher, embeds, "tcd", 4)
+
+
+def test_x0_preset_on_an_eps_model_names_node_input_and_fitting_presets(nodes, pipes):
+    patcher, _ = patcher_for(pipes["sdxl"])
+    with pytest.raises(ValueError, match=r"SwiftStepPresetSigmas: input `preset` = 'sdxl-lightning-1step' needs a "
+                                         r"sample model.*samples as epsilon. Presets that fit it: \['sd-turbo'"):
+        nodes.SwiftStepPresetSigmas.execute(patcher, "sdxl-lightning-1step", 0)
+    x0_patcher, _ = patcher_for(pipes["sdxl"], kind=fakes.X0)
+    nodes.SwiftStepPresetSigmas.execute(x0_patcher, "sdxl-lightning-1step", 0)  # fits once sampling is x0
+
+
+def test_family_mismatch_and_bad_steps(nodes, pipes):
+    patcher, _ = patcher_for(pipes["sd1"])
+    with pytest.raises(ValueError, match=r"SwiftStepPresetSigmas: input `preset` = 'dmd2-sdxl-4step' is for SDXL "
+                                         r"models; this MODEL is SD1.x"):
+        nodes.SwiftStepPresetSigmas.execute(patcher, "dmd2-sdxl-4step", 0)
+    with pytest.raises(ValueError, match=r"SwiftStepPresetSigmas: input `steps`: .*supports num_inference_steps"):
+        nodes.SwiftStepPresetSigmas.execute(patcher, "hyper-sd-lora", 3)
+
+
+def test_sigmas_outside_the_model_range_are_rejected(nodes, pipes):
+    patcher, embeds = patcher_for(pipes["sd1"])
+    (sampler,) = nodes.SwiftStepOneStepSampler.execute("tcd", -1.0).args
+    with pytest.raises(ValueError, match=r"SwiftStepOneStepSampler: input `sigmas` must lie in the model's range"):
+        fakes.sample_custom(patcher, sampler, torch.tensor([80.0, 0.0]), embeds, torch.zeros(1, 4, 16, 16), 0)
+
+
+def test_entrypoint_registers_every_node_with_tooltips(comfy):
+    import swiftstep
+
+    extension = asyncio.run(swiftstep.comfy_entrypoint())
+    node_list = asyncio.run(extension.get_node_list())
+    ids = [n.define_schema().node_id for n in node_list]
+    assert ids == ["SwiftStepPresetSigmas", "SwiftStepOneStepSampler"]
+    for node in node_list:
+        schema = node.define_schema()
+        assert schema.node_id.startswith("SwiftStep") and schema.category.startswith("swiftstep/")
+        for spec in schema.inputs:
+            assert spec.kwargs["tooltip"], (schema.node_id, spec.id)
+            if spec.io_type in ("INT", "FLOAT"):
+                k = spec.kwargs
+                assert k["min"] <= k["default"] <= k["max"], (schema.node_id, spec.id)
+            if spec.io_type == "COMBO":
+                assert spec.kwargs["default"] in spec.kwargs["options"]
+
+
+def test_flow_presets_are_not_offered_in_comfyui(nodes):
+    assert "instaflow" not in nodes.COMFY_PRESETS
+    assert set(nodes.COMFY_PRESETS) == {n for n, p in PRESETS.items() if p.schedule == "vp"}
