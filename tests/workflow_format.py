@@ -1,0 +1,142 @@
+"""ComfyUI workflow files: check a UI-format workflow against node specs, and convert it to API format.
+
+Node specs have the `/object_info` shape. Core nodes come from `tests/data/comfyui_0.3.64_core_nodes.json` (captured
+from a real ComfyUI 0.3.64); ours are derived from our `define_schema()` (see `our_specs`). Widget values in a UI
+workflow are positional, in `input_order`, with one extra value after every input that has
+`control_after_generate` (the frontend's "fixed/randomize" widget) — the rules the frontend itself applies.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+
+
+def core_specs() -> dict:
+    return json.loads((ROOT / "tests/data/comfyui_0.3.64_core_nodes.json").read_text())["nodes"]
+
+
+def spec_from_schema(schema) -> dict:
+    """/object_info shape of a V3 schema (fake `comfy_api` specs from tests.comfy_fakes)."""
+    required, optional, order_r, order_o = {}, {}, [], []
+    for inp in schema.inputs:
+        opts = {k: v for k, v in inp.kwargs.items() if v is not None and k not in ("optional", "display_name", "lazy")}
+        (optional if inp.kwargs.get("optional") else required)[inp.id] = [inp.io_type, opts]
+        (order_o if inp.kwargs.get("optional") else order_r).append(inp.id)
+    return {"input": {"required": required, "optional": optional},
+            "input_order": {"required": order_r, "optional": order_o},
+            "output": [o.io_type for o in schema.outputs],
+            "output_name": [o.kwargs.get("display_name") or o.io_type for o in schema.outputs],
+            "category": schema.category}
+
+
+def _widgets(spec: dict, linked: set[str]) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of the widget inputs in order; a COMBO given as a list has its options inline."""
+    out = []
+    for section in ("required", "optional"):
+        for name in spec["input_order"].get(section, []):
+            kind, *rest = spec["input"][section][name]
+            opts = dict(rest[0]) if rest else {}
+            if isinstance(kind, list):
+                kind, opts = "COMBO", {**opts, "options": kind}
+            if kind in WIDGET_TYPES and name not in linked:
+                out.append((name, kind, opts))
+    return out
+
+
+def _linked_inputs(node: dict) -> set[str]:
+    return {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
+
+
+def assign_widgets(node: dict, spec: dict) -> dict:
+    """{input name: value} for a UI node's widgets_values; raises ValueError on a count mismatch."""
+    values = list(node.get("widgets_values") or [])
+    out, pos = {}, 0
+    for name, kind, opts in _widgets(spec, _linked_inputs(node)):
+        if pos >= len(values):
+            raise ValueError(f"node {node['id']} ({node['type']}): no value for widget `{name}`")
+        out[name] = values[pos]
+        pos += 2 if opts.get("control_after_generate") else 1
+    if pos != len(values):
+        raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {pos}")
+    return out
+
+
+def _check_value(node, name, kind, opts, value) -> str | None:
+    where = f"node {node['id']} ({node['type']}) widget `{name}`"
+    if kind == "BOOLEAN" and not isinstance(value, bool):
+        return f"{where}: expected a boolean, got {value!r}"
+    if kind in ("INT", "FLOAT"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind == "INT" and not float(value).is_integer()):
+            return f"{where}: expected {kind}, got {value!r}"
+        if not opts.get("min", -float("inf")) <= value <= opts.get("max", float("inf")):
+            return f"{where}: {value} outside [{opts.get('min')}, {opts.get('max')}]"
+    if kind == "STRING" and not isinstance(value, str):
+        return f"{where}: expected a string, got {value!r}"
+    if kind == "COMBO" and opts.get("options") != ["<files>"] and value not in opts.get("options", []):
+        return f"{where}: {value!r} is not one of {opts.get('options')}"
+    return None
+
+
+def validate(workflow: dict, specs: dict) -> list[str]:
+    """Every problem a user would hit loading this workflow: unknown nodes, widget drift, mistyped links."""
+    errors = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        spec = specs.get(node["type"])
+        if spec is None:
+            errors.append(f"node {node['id']}: unknown node type {node['type']!r}")
+            continue
+        try:
+            values = assign_widgets(node, spec)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        for name, kind, opts in _widgets(spec, _linked_inputs(node)):
+            err = _check_value(node, name, kind, opts, values[name])
+            if err:
+                errors.append(err)
+        all_inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
+        for name in spec["input"].get("required", {}):
+            kind = all_inputs[name][0]
+            if not isinstance(kind, list) and kind not in WIDGET_TYPES and name not in _linked_inputs(node):
+                errors.append(f"node {node['id']} ({node['type']}): required input `{name}` is not connected")
+        for inp in node.get("inputs", []):
+            if inp["name"] not in all_inputs:
+                errors.append(f"node {node['id']} ({node['type']}): no input named `{inp['name']}`")
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        src_spec, dst_node = specs.get(nodes[src]["type"]), nodes[dst]
+        dst_spec = specs.get(dst_node["type"])
+        if src_spec is None or dst_spec is None:
+            continue
+        out_type = src_spec["output"][src_slot] if src_slot < len(src_spec["output"]) else None
+        name = dst_node["inputs"][dst_slot]["name"]
+        spec_in = {**dst_spec["input"].get("required", {}), **dst_spec["input"].get("optional", {})}.get(name)
+        in_type = spec_in[0] if spec_in else None
+        if not (out_type == in_type == kind):
+            errors.append(f"link {link_id}: {nodes[src]['type']} output {src_slot} is {out_type}, "
+                          f"{dst_node['type']}.{name} takes {in_type}, link says {kind}")
+    return errors
+
+
+def to_api(workflow: dict, specs: dict) -> dict:
+    """The API-format prompt (`POST /prompt`) the frontend would send for this UI workflow."""
+    links = {row[0]: row for row in workflow["links"]}
+    prompt = {}
+    for node in workflow["nodes"]:
+        if node["type"] in FRONTEND_ONLY:
+            continue
+        inputs = assign_widgets(node, specs[node["type"]])
+        for inp in node.get("inputs", []):
+            if inp.get("link") is not None:
+                _, src, src_slot, *_ = links[inp["link"]]
+                inputs[inp["name"]] = [str(src), src_slot]
+        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
+    return prompt
