@@ -1,8 +1,10 @@
 """Random-weight Stable Diffusion pipelines (SD1.x, SD2.x, SDXL shapes) built without any download.
 
-Used by the tests, ``swiftstep selftest`` and ``bench/``: ``tiny`` sizes run on a CPU in milliseconds, ``full`` sizes
-have the real SD2.1 / SDXL architectures (random weights) for GPU benchmarks. The tokenizer is a byte-level CLIP BPE
-with no merges, written from scratch, so text still changes the embeddings.
+Used by the tests, ``swiftstep selftest`` and ``bench/``. Sizes: ``tiny`` runs on a CPU in milliseconds; ``full`` has
+the real SD2.1 / SDXL architectures (random weights) for GPU benchmarks; ``comfy`` has the real text encoders and
+VAE but the smallest UNet ComfyUI's model detection still recognises (SD1/SD2 at 320/640 channels, SDXL shaped like
+Segmind-Vega), for live ComfyUI tests. The tokenizer is a byte-level CLIP BPE with no merges, written from scratch,
+so text still changes the embeddings.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+SIZES = ("tiny", "full", "comfy")
 
 
 def clip_tokenizer(max_length: int = 77):
@@ -50,8 +53,8 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
 
     if family not in FAMILIES:
         raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}.")
-    if size not in ("tiny", "full"):
-        raise ValueError(f"`size` must be 'tiny' or 'full', got {size!r}.")
+    if size not in SIZES:
+        raise ValueError(f"`size` must be one of {SIZES}, got {size!r}.")
     torch.manual_seed(seed)
     tokenizer = clip_tokenizer()
     xl = family == "sdxl"
@@ -62,13 +65,14 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
         te_cfg = dict(hidden_size=te_dim, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                       vocab_size=1000, max_position_embeddings=77, bos_token_id=512, eos_token_id=513,
                       pad_token_id=513, hidden_act="gelu" if sd2 else "quick_gelu")
-        unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16, norm_num_groups=8,
+        # 32 GroupNorm groups (the default): ComfyUI's UNet hard-codes 32, so the same weights mean the same net
+        unet_cfg = dict(block_out_channels=(32, 64), layers_per_block=1, sample_size=16,
                         down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                         up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=(2, 4))
         vae_cfg = dict(block_out_channels=(16, 32), down_block_types=("DownEncoderBlock2D",) * 2,
                        up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, norm_num_groups=8,
                        sample_size=32)
-    else:
+    else:  # "full" and "comfy": the real text encoders and VAE
         te_dim = 1024 if sd2 else 768
         te_cfg = dict(hidden_size=te_dim, intermediate_size=te_dim * 4, num_hidden_layers=23 if sd2 else 12,
                       num_attention_heads=16 if sd2 else 12, vocab_size=49408, max_position_embeddings=77,
@@ -76,13 +80,18 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
                       hidden_act="gelu" if sd2 else "quick_gelu")
         unet_cfg = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, sample_size=64,
                         attention_head_dim=(5, 10, 20, 20) if sd2 else 8)
+        if size == "comfy":  # ComfyUI recognises SD1/SD2 by width 320, context width and projection type
+            unet_cfg = dict(block_out_channels=(320, 640), layers_per_block=1, sample_size=64,
+                            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+                            attention_head_dim=(5, 10) if sd2 else 8)
         vae_cfg = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, sample_size=512,
                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
 
     if xl:
         # The two encoders must differ in width (as CLIP-L 768 / bigG 1280 do): converters tell them apart by it.
         te2_cfg = dict(te_cfg, hidden_size=48, intermediate_size=64, hidden_act="gelu", projection_dim=te_dim)
-        if size == "full":
+        if size != "tiny":
             te_cfg = dict(te_cfg, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                           hidden_act="quick_gelu")
             te2_cfg = dict(te2_cfg, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32,
@@ -90,12 +99,14 @@ def build_components(family: str, size: str = "tiny", seed: int = 0) -> dict:
             unet_cfg = dict(block_out_channels=(320, 640, 1280), layers_per_block=2, sample_size=128,
                             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                            transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20))
+                            # "comfy": Segmind-Vega's depths [0, 0, 1, 1, 2, 2], which ComfyUI detects as SDXL-family
+                            transformer_layers_per_block=(1, 2, 10) if size == "full" else (1, 1, 2),
+                            attention_head_dim=(5, 10, 20))
             vae_cfg = dict(vae_cfg, force_upcast=True, scaling_factor=0.13025)
         else:
             unet_cfg = dict(unet_cfg, transformer_layers_per_block=(1, 2))
             vae_cfg = dict(vae_cfg, scaling_factor=0.13025)
-        time_dim = 256 if size == "full" else 8
+        time_dim = 8 if size == "tiny" else 256
         unet_cfg.update(addition_embed_type="text_time", addition_time_embed_dim=time_dim,
                         projection_class_embeddings_input_dim=6 * time_dim + te2_cfg["projection_dim"],
                         cross_attention_dim=te_cfg["hidden_size"] + te2_cfg["hidden_size"], use_linear_projection=True)

@@ -115,7 +115,7 @@ def openclip_to_ldm(state: dict, prefix: str, num_layers: int) -> dict:
     return {prefix + k: v for k, v in out.items()}
 
 
-def save_single_file(pipe, path) -> None:
+def save_single_file(pipe, path, dtype=None) -> None:
     """One `.safetensors` in the original layout from a pipeline's unet/vae/text encoder(s)."""
     sd = {}
     sd.update(unet_to_ldm(pipe.unet.state_dict(), pipe.unet.config.layers_per_block))
@@ -126,7 +126,12 @@ def save_single_file(pipe, path) -> None:
         te2 = pipe.text_encoder_2
         sd.update(openclip_to_ldm(te2.state_dict(), "conditioner.embedders.1.model.", te2.config.num_hidden_layers))
     elif te.config.hidden_act == "gelu":  # SD2.x: OpenCLIP ViT-H
-        sd.update(openclip_to_ldm(te.state_dict(), "cond_stage_model.model.", te.config.num_hidden_layers))
+        n = te.config.num_hidden_layers
+        sd.update(openclip_to_ldm(te.state_dict(), "cond_stage_model.model.", n))
+        if n == 23:  # real SD2 files hold all 24 OpenCLIP blocks; diffusers drops the last, ComfyUI skips it
+            last = "cond_stage_model.model.transformer.resblocks.22."
+            sd.update({k.replace(".resblocks.22.", ".resblocks.23."): v.clone() for k, v in sd.items()
+                       if k.startswith(last)})
     else:
         sd.update(clip_to_ldm(te.state_dict(), "cond_stage_model.transformer."))
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    save_file({k: (v.to(dtype) if dtype is not None else v).contiguous() for k, v in sd.items()}, str(path))
