@@ -1,11 +1,20 @@
 """Live ComfyUI tests: run only with COMFYUI_PATH pointing at a ComfyUI checkout (0.3.64 or newer), in a Python
 environment that can run that ComfyUI (see README, "Live ComfyUI tests")."""
 
+import json
 import os
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import save_file
+
+from ..workflow_format import ROOT
 
 COMFYUI_PATH = os.environ.get("COMFYUI_PATH")
 
@@ -41,3 +50,94 @@ def comfy_inprocess(comfy_path):
     finally:
         sys.argv = argv
     return comfy
+
+
+# --------------------------------------------------------------------------- a ComfyUI server with the pack
+# Models: random weights with the real text encoders and VAE and the smallest UNet ComfyUI recognises for the family
+# (`tiny_models` size "comfy"), in the original single-file layout under the file names the workflows use. Cached
+# in $SWIFTSTEP_LIVE_MODELS (default ~/.cache/swiftstep-live): the SDXL one is ~3.5 GB.
+
+MODELS = {  # file name the workflows use → family
+    "checkpoints/sd_turbo.safetensors": "sd2",
+    "checkpoints/sd_xl_base_1.0.safetensors": "sdxl",
+}
+LORAS = {"loras/dmd2_sdxl_4step_lora_fp16.safetensors": "sdxl"}
+TEST_SIZE = 64  # px; the workflows ask 512/1024, the CPU test shrinks the empty latent
+
+
+def _cache() -> Path:
+    path = Path(os.environ.get("SWIFTSTEP_LIVE_MODELS", Path.home() / ".cache" / "swiftstep-live"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _build_checkpoint(family: str, path: Path) -> None:
+    from swiftstep.pipelines import OneStepPipeline
+    from swiftstep.tiny_models import build_components
+
+    from ..ldm_layout import save_single_file
+
+    pipe = OneStepPipeline(**build_components(family, size="comfy"))
+    save_single_file(pipe, path.with_suffix(".part"), dtype=torch.float16)
+    path.with_suffix(".part").rename(path)
+
+
+def _build_lora(path: Path) -> None:
+    # kohya/SGM keys as SDXL LoRAs ship them; one attention projection is enough to exercise the loader
+    g = torch.Generator().manual_seed(0)
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.randn(4, 640, generator=g) * 0.01,
+               f"{name}.lora_up.weight": torch.randn(640, 4, generator=g) * 0.01,
+               f"{name}.alpha": torch.tensor(4.0)}, str(path))
+
+
+@pytest.fixture(scope="session")
+def base_dir(tmp_path_factory):
+    cache = _cache()
+    base = tmp_path_factory.mktemp("comfy-base")
+    (base / "custom_nodes").mkdir()
+    (base / "custom_nodes" / "swiftstep").symlink_to(ROOT, target_is_directory=True)
+    for rel, family in {**MODELS, **LORAS}.items():
+        cached = cache / Path(rel).name
+        if not cached.exists():
+            _build_lora(cached) if rel in LORAS else _build_checkpoint(family, cached)
+        (base / "models" / Path(rel).parent).mkdir(parents=True, exist_ok=True)
+        (base / "models" / rel).symlink_to(cached)
+    return base
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str):
+    with urllib.request.urlopen(url, timeout=30) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="session")
+def server(comfy_path, base_dir):
+    port = _free_port()
+    log = (base_dir / "comfyui.log").open("w")
+    proc = subprocess.Popen([sys.executable, str(comfy_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
+                             str(port), "--base-directory", str(base_dir), "--disable-auto-launch"],
+                            cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):
+            if proc.poll() is not None:
+                pytest.fail(f"ComfyUI exited: {(base_dir / 'comfyui.log').read_text()[-3000:]}")
+            try:
+                get_json(url + "/system_stats")
+                break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+

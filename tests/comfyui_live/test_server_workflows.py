@@ -1,0 +1,63 @@
+"""A real ComfyUI server on 127.0.0.1 with the pack in custom_nodes: every node listed, every example workflow runs.
+
+The server and its models come from conftest.py (`server`, `base_dir`).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+
+import pytest
+
+from ..workflow_format import WORKFLOWS, to_api, validate
+from .conftest import TEST_SIZE, get_json as _get
+
+
+def test_pack_loads_and_lists_every_node(server, base_dir):
+    info = _get(server + "/object_info")
+    ours = sorted(k for k in info if k.startswith("SwiftStep"))
+    assert ours == ["SwiftStepOneStepSampler", "SwiftStepPresetSigmas"]
+    for name in ours:
+        assert info[name]["category"].startswith("swiftstep/")
+    log = (base_dir / "comfyui.log").read_text()
+    assert "IMPORT FAILED" not in log and "Traceback" not in log, log[-3000:]
+    templates = _get(server + "/api/workflow_templates")
+    assert sorted(templates.get("swiftstep", [])) == sorted(w.stem for w in WORKFLOWS)  # the template browser
+    version = _get(server + "/system_stats")["system"]["comfyui_version"]
+    print(f"ComfyUI {version}")
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_runs_to_a_saved_image(server, base_dir, path):
+    specs = _get(server + "/object_info")
+    workflow = json.loads(path.read_text())
+    assert validate(workflow, specs) == []  # against the live server's own node specs
+    prompt = to_api(workflow, specs)
+    for node in prompt.values():
+        if node["class_type"] == "EmptyLatentImage":
+            node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
+    body = json.dumps({"prompt": prompt, "client_id": "swiftstep-live-test"}).encode()
+    request = urllib.request.Request(server + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            answer = json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        pytest.fail(f"/prompt refused {path.name}: {e.read().decode()[:2000]}")
+    assert answer["node_errors"] == {}
+    prompt_id = answer["prompt_id"]
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        history = _get(f"{server}/history/{prompt_id}")
+        if history:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"{path.name} did not finish in 15 minutes")
+    status = history[prompt_id]["status"]
+    assert status["status_str"] == "success", json.dumps(status)[:3000]
+    images = [img for out in history[prompt_id]["outputs"].values() for img in out.get("images", [])]
+    assert images, history[prompt_id]["outputs"]
+    for img in images:
+        assert (base_dir / "output" / img["subfolder"] / img["filename"]).is_file()
