@@ -131,6 +131,17 @@ class SwiftStepPresetSigmas(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, preset=None, steps=None):
+        """Widget values are known before the run: refuse a step count the preset does not have, up front."""
+        if preset is None or steps is None or preset not in PRESETS:
+            return True  # linked values are checked in `execute`; ComfyUI checks combo options itself
+        counts = sorted(PRESETS[preset].timesteps)
+        if steps and steps not in counts:
+            return (f"SwiftStepPresetSigmas: input `steps` = {steps} does not fit preset {preset!r}; allowed: 0 "
+                    f"(the preset's default, {PRESETS[preset].default_steps}) or {counts}.")
+        return True
+
+    @classmethod
     def execute(cls, model, preset, steps) -> io.NodeOutput:
         p = get_preset(preset)
         check_model_fits("SwiftStepPresetSigmas", model, p)

@@ -61,3 +61,18 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
     assert images, history[prompt_id]["outputs"]
     for img in images:
         assert (base_dir / "output" / img["subfolder"] / img["filename"]).is_file()
+
+
+def test_bad_steps_is_a_validation_error_naming_node_input_and_allowed_values(server):
+    specs = _get(server + "/object_info")
+    workflow = json.loads(WORKFLOWS[0].read_text())
+    prompt = to_api(workflow, specs)
+    sigmas_node = next(k for k, n in prompt.items() if n["class_type"] == "SwiftStepPresetSigmas")
+    prompt[sigmas_node]["inputs"]["steps"] = 7  # sd-turbo has 1–4 steps
+    body = json.dumps({"prompt": prompt}).encode()
+    request = urllib.request.Request(server + "/prompt", data=body, headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 400
+    errors = json.loads(e.value.read())["node_errors"][sigmas_node]["errors"]
+    assert any("input `steps` = 7 does not fit preset 'sd-turbo'; allowed: 0" in json.dumps(err) for err in errors)

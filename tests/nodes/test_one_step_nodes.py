@@ -113,6 +113,14 @@ def test_family_mismatch_and_bad_steps(nodes, pipes):
         nodes.SwiftStepPresetSigmas.execute(patcher, "hyper-sd-lora", 3)
 
 
+def test_unsupported_step_count_fails_validation_before_the_run(nodes):
+    v = nodes.SwiftStepPresetSigmas.validate_inputs
+    assert v(preset="dmd2-sdxl-4step", steps=0) is True and v(preset="tcd", steps=8) is True
+    assert v(preset="dmd2-sdxl-4step", steps=2) == (
+        "SwiftStepPresetSigmas: input `steps` = 2 does not fit preset 'dmd2-sdxl-4step'; allowed: 0 (the preset's "
+        "default, 4) or [4].")
+
+
 def test_sigmas_outside_the_model_range_are_rejected(nodes, pipes):
     patcher, embeds = patcher_for(pipes["sd1"])
     (sampler,) = nodes.SwiftStepOneStepSampler.execute("tcd", -1.0).args
