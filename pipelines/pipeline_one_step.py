@@ -7,6 +7,7 @@ type) and so that `save_pretrained` folders load in stock diffusers pipelines; i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -19,9 +20,9 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from ..core import onestep
+from ..core import nag, nasa, onestep
 from ..core.presets import FAMILY_NAMES, PRESETS, Preset, get_preset
-from . import lora_check, single_file
+from . import lora_check, nasa_processor, single_file
 
 logger = logging.getLogger("swiftstep")
 
@@ -272,6 +273,33 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                                     boundary=rule.boundary)
         return onestep.FewStepSampler(self.noise_schedule(preset), timesteps, prediction_type, rule, shift, init_noise)
 
+    def _negative_embeds(self, negative_prompt, negative_prompt_embeds, prompt, num_images_per_prompt, batch, device):
+        """[B, L, C] negative text context for NASA/NAG (SDXL: both encoders' hidden states), or None."""
+        if negative_prompt is None and negative_prompt_embeds is None:
+            return None
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Pass at most one of `negative_prompt` or `negative_prompt_embeds`.")
+        if negative_prompt_embeds is not None:
+            return negative_prompt_embeds.to(device, self.unet.dtype)
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        n_prompts = batch // num_images_per_prompt
+        if len(negatives) not in (1, n_prompts):
+            raise ValueError(f"`negative_prompt` has {len(negatives)} entries; expected 1 or one per prompt "
+                             f"({n_prompts}).")
+        embeds, _ = self.encode_prompt(negatives, num_images_per_prompt if len(negatives) > 1 else 1, device)
+        return embeds
+
+    def _guidance_settings(self, guidance, preset, nasa_scale, nag_scale, nag_tau, nag_alpha) -> dict:
+        alpha = nasa_scale
+        if alpha is None:
+            alpha = preset.nasa_alpha if preset is not None and preset.nasa_alpha is not None \
+                else nasa.DEFAULT_ALPHA[self.family]
+        defaults = nag.DEFAULTS[self.family]
+        return dict(mode=guidance, alpha=alpha,
+                    nag_scale=defaults["nag_scale"] if nag_scale is None else nag_scale,
+                    nag_tau=defaults["nag_tau"] if nag_tau is None else nag_tau,
+                    nag_alpha=defaults["nag_alpha"] if nag_alpha is None else nag_alpha)
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(
@@ -296,6 +324,13 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         target_size: tuple[int, int] | None = None,
         callback_on_step_end: Callable[..., dict] | None = None,
         callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+        negative_prompt: str | list[str] | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        guidance: str = "nasa",
+        nasa_scale: float | None = None,
+        nag_scale: float | None = None,
+        nag_tau: float | None = None,
+        nag_alpha: float | None = None,
     ):
         r"""Generate images.
 
@@ -312,6 +347,11 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             latents: initial noise `x_T` of shape [B·n, 4, H/f, W/f] (overrides the generator's first draw).
             output_type: "pil", "np", "pt" or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, may replace "latents".
+            negative_prompt: what to steer away from, without CFG: NASA (SNOOPI) or NAG in every text
+                cross-attention. One string for all prompts, or one per prompt.
+            guidance: "nasa" (Z+ − α·Z−) or "nag" (normalized attention guidance).
+            nasa_scale: NASA α; default: the preset's, else the family's (SD1.5 0.1, SD2.1 0.2, SDXL 0.2).
+            nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α; defaults per family from the NAG paper.
 
         Returns:
             `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
@@ -349,6 +389,14 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             timestep_cond = onestep.guidance_scale_embedding(w_tensor, self.unet.config.time_cond_proj_dim)
             timestep_cond = timestep_cond.to(device=device, dtype=dtype)
 
+        # 3b. Negative prompt → NASA/NAG on the text cross-attentions (no CFG pass)
+        negative = self._negative_embeds(negative_prompt, negative_prompt_embeds, prompt, num_images_per_prompt,
+                                         batch, device)
+        settings = None
+        if negative is not None:
+            settings = self._guidance_settings(guidance, preset_obj, nasa_scale, nag_scale, nag_tau, nag_alpha)
+            nasa_processor.make_context(**settings)  # validate before anything is installed
+
         # 4. Initial noise (first generator draw)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         if latents is None:
@@ -364,7 +412,9 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
 
         # 5. Sampling loop
         x0, finite = latents, []
-        with self.progress_bar(total=len(sampler)) as progress:
+        with self.progress_bar(total=len(sampler)) as progress, contextlib.ExitStack() as cleanup:
+            if settings is not None:  # installed for this call only; removed however the loop ends
+                cleanup.callback(nasa_processor.apply_nasa(self.unet, **settings).set_negative(negative).remove)
             for i in range(len(sampler)):
                 if self.interrupt:
                     break

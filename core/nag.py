@@ -1,0 +1,50 @@
+"""NAG — normalized attention guidance (arXiv 2505.21179, §4.1, eqs. 7–10).
+
+In the same place as NASA (after the head merge, before the output projection):
+
+    Z̃ = Z+ + φ·(Z+ − Z−)                       (eq. 7; the code's `nag_scale` = φ + 1: Z̃ = s·Z+ − (s−1)·Z−)
+    R = ‖Z̃‖₁ / ‖Z+‖₁   per token, over all heads × head_dim     (eq. 8)
+    Ẑ = Z̃ · min(R, τ)/R                         (eq. 9, clip the norm growth at τ)
+    Z_NAG = α·Ẑ + (1 − α)·Z+                    (eq. 10)
+
+Unclipped (τ = ∞) NAG is NASA rescaled: (1 + αφ)Z+ − αφZ−.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Paper Table 5: τ = 2.5 everywhere; φ = 2 (nag_scale 3) with α 0.5 for SDXL, α 0.375 for SD1.5; φ = 4 (nag_scale 5)
+# with α 0.375 for SANA/PixArt-Σ. SD2.x is not in the table and takes the SD1.5 values.
+DEFAULTS = {
+    "sd1": dict(nag_scale=3.0, nag_tau=2.5, nag_alpha=0.375),
+    "sd2": dict(nag_scale=3.0, nag_tau=2.5, nag_alpha=0.375),
+    "sdxl": dict(nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5),
+    "pixart": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.375),
+    "sana": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.375),
+}
+
+
+def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag_scale: float, tau: float, alpha: float,
+                eps: float = 1e-6) -> torch.Tensor:
+    """Z_NAG from Z± of shape [B, L, H·D] (heads merged: the norm runs over the last dim)."""
+    if nag_scale == 1.0:  # φ = 0: no guidance, and Z+ exactly (α·Z+ + (1−α)·Z+ could differ in the last bit)
+        return z_pos
+    z_tilde = z_pos * nag_scale - z_neg * (nag_scale - 1.0)
+    ratio = z_tilde.norm(p=1, dim=-1, keepdim=True) / z_pos.norm(p=1, dim=-1, keepdim=True).clamp_min(eps)
+    z_hat = z_tilde * (ratio.clamp(max=tau) / ratio.clamp_min(eps))
+    return alpha * z_hat + (1.0 - alpha) * z_pos
+
+
+def check_params(nag_scale: float, tau: float, alpha: float) -> None:
+    import math
+
+    for name, value in (("nag_scale", nag_scale), ("nag_tau", tau), ("nag_alpha", alpha)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+    if nag_scale < 1.0:
+        raise ValueError(f"`nag_scale` (= φ + 1) must be ≥ 1 (1 = off), got {nag_scale}.")
+    if tau <= 0:
+        raise ValueError(f"`nag_tau` must be > 0, got {tau}.")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"`nag_alpha` must be in [0, 1], got {alpha}.")

@@ -1,0 +1,32 @@
+"""NASA — negative-away steer attention (SNOOPI, arXiv 2412.02687 v3, §5.1, eqs. 7–9, Algorithm 1).
+
+In every text cross-attention, with the layer's own projections W_q, W_k, W_v, W_o:
+
+    Z+ = softmax(Q K+ᵀ/√d) V+        (eq. 7, the positive prompt)
+    Z− = softmax(Q K−ᵀ/√d) V−        (eq. 8, the negative prompt, same Q)
+    out = W_o (Z+ − α·Z−) + b_o      (eq. 9; the output bias is not scaled)
+
+Training-free; one-step models get a negative prompt without CFG's second UNet pass. This module holds the
+combination and the per-backbone defaults; the attention itself is the adapters' (SDPA or kernels/).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# SNOOPI v3 NASA-I defaults per backbone family. SDXL has no published value (the paper sweeps SDXL-DMD2 over
+# 0…1 qualitatively); it uses SD2.1's 0.2 until one is published.
+DEFAULT_ALPHA = {"sd1": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5, "sana": 0.5}
+
+
+def check_alpha(alpha: float, name: str = "nasa_scale") -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"`{name}` must be a finite number, got {alpha!r}.")
+    return float(alpha)
+
+
+def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Z+ − α·Z− (eq. 9 before the output projection); shapes [B, L, H·D] or [B, H, L, D]."""
+    return z_pos - alpha * z_neg

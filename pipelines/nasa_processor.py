@@ -1,0 +1,246 @@
+"""NASA / NAG negative-prompt attention for diffusers models, installed as attention processors.
+
+`apply_nasa(model, ...)` puts a `NASAAttnProcessor` on every *text cross-attention* (`attn2`) of a
+UNet2DConditionModel (SD1.x, SD2.x, SDXL), PixArtTransformer2DModel or SanaTransformer2DModel and leaves every other
+processor as it was. The negative context reaches the processors through a shared `NegativeContext` (a stateful
+route: PixArt and SANA do not forward attention kwargs, and one route for every backbone keeps self-attention free of
+foreign kwargs). `remove()` (or leaving the `nasa_attention(...)` block) puts the original processor objects back.
+
+The positive branch repeats diffusers' own processor step by step (AttnProcessor2_0, or SanaAttnProcessor2_0 whose
+q/k norm runs before the head split), so α = 0 reproduces the unpatched model bit for bit. The combination is
+`core.nasa` / `core.nag`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from ..core import nag, nasa
+
+SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel")
+JOINT_ATTENTION = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
+                   "HunyuanVideoTransformer3DModel", "WanTransformer3DModel", "AuraFlowTransformer2DModel")
+MODES = ("nasa", "nag")
+
+
+@dataclass
+class NegativeContext:
+    """What every installed processor reads: the negative text context, its mask and the guidance settings."""
+
+    mode: str = "nasa"
+    alpha: float = 0.1  # NASA α
+    nag_scale: float = 3.0
+    nag_tau: float = 2.5
+    nag_alpha: float = 0.5
+    encoder_hidden_states: torch.Tensor | None = None  # [1 or B, L−, C]
+    attention_mask: torch.Tensor | None = None  # [1 or B, L−], 1 = attend, 0 = ignore
+    _kv: dict = field(default_factory=dict, repr=False)  # id(attn) → (K−, V−): constant over the sampling steps
+
+    def set_negative(self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None):
+        if encoder_hidden_states is not None and encoder_hidden_states.ndim != 3:
+            raise ValueError(f"negative `encoder_hidden_states` must be [B, L, C], got {tuple(encoder_hidden_states.shape)}.")
+        if attention_mask is not None and (encoder_hidden_states is None or
+                                           attention_mask.shape[-1] != encoder_hidden_states.shape[1]):
+            raise ValueError("negative `attention_mask` must be [B, L−] with the negative prompt's length L−.")
+        self.encoder_hidden_states, self.attention_mask = encoder_hidden_states, attention_mask
+        self._kv.clear()
+
+    def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+        if self.mode == "nag":
+            return nag.nag_combine(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+        return nasa.nasa_combine(z_pos, z_neg, self.alpha)
+
+
+def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"negative {name} has batch {t.shape[0]}, which does not divide the model batch {batch}.")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
+
+
+class NASAAttnProcessor:
+    """Text cross-attention with a negative branch: out = W_o·combine(Z+, Z−) (+ bias), Q projected once."""
+
+    def __init__(self, context: NegativeContext, qk_norm_before_heads: bool = False):
+        self.context = context
+        self.qk_norm_before_heads = qk_norm_before_heads  # SanaAttnProcessor2_0's order
+
+    def _heads(self, attn, x, batch, head_dim):
+        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
+
+    def _negative_kv(self, attn, batch, head_dim, dtype, device):
+        ctx = self.context
+        cached = ctx._kv.get(id(attn))
+        if cached is not None and cached[0].shape[0] == batch and cached[0].dtype == dtype:
+            return cached
+        neg = _batch(ctx.encoder_hidden_states, batch, "prompt embeddings").to(device=device, dtype=dtype)
+        if attn.norm_cross:  # Algorithm 1 normalises both contexts
+            neg = attn.norm_encoder_hidden_states(neg)
+        key, value = attn.to_k(neg), attn.to_v(neg)
+        if self.qk_norm_before_heads and attn.norm_k is not None:
+            key = attn.norm_k(key)
+        key, value = self._heads(attn, key, batch, head_dim), self._heads(attn, value, batch, head_dim)
+        if not self.qk_norm_before_heads and attn.norm_k is not None:
+            key = attn.norm_k(key)  # the paper's pseudo-code forgets norm_k on the negative keys
+        ctx._kv[id(attn)] = (key, value)
+        return key, value
+
+    def _negative_mask(self, attn, batch, dtype):
+        mask = self.context.attention_mask
+        if mask is None:
+            return None
+        mask = _batch(mask, batch, "attention mask").to(dtype)
+        bias = ((1.0 - mask) * -10000.0).unsqueeze(1)  # [B, 1, L−], the additive form diffusers' models build
+        bias = attn.prepare_attention_mask(bias, mask.shape[-1], batch)
+        return bias.view(batch, attn.heads, -1, bias.shape[-1])
+
+    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
+            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)  # SNOOPI eqs. 7–8 share W_q: Q is projected once
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+        if self.qk_norm_before_heads:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+        head_dim = key.shape[-1] // attn.heads
+        query = self._heads(attn, query, batch_size, head_dim)
+        key, value = self._heads(attn, key, batch_size, head_dim), self._heads(attn, value, batch_size, head_dim)
+        if not self.qk_norm_before_heads:
+            if attn.norm_q is not None:
+                query = attn.norm_q(query)
+            if attn.norm_k is not None:
+                key = attn.norm_k(key)
+
+        z_pos = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
+                                               is_causal=False)  # eq. 7, [B, H, L, D]
+        z_pos = z_pos.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        hidden_states = z_pos
+        if self.context.encoder_hidden_states is not None:
+            k_neg, v_neg = self._negative_kv(attn, batch_size, head_dim, query.dtype, query.device)
+            z_neg = F.scaled_dot_product_attention(query, k_neg, v_neg, dropout_p=0.0, is_causal=False,
+                                                   attn_mask=self._negative_mask(attn, batch_size, query.dtype))
+            z_neg = z_neg.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # eq. 8
+            hidden_states = self.context.combine(z_pos, z_neg)  # eq. 9 (NAG: eqs. 7–10), before W_o
+
+        hidden_states = attn.to_out[0](hidden_states)
+        hidden_states = attn.to_out[1](hidden_states)
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+@torch.no_grad()
+def project_context(model, encoder_hidden_states: torch.Tensor) -> torch.Tensor:
+    """What the model's blocks see of a text-encoder output: DiTs project (and normalise) captions before their
+    blocks, so the negative must go through the same layers as the positive does inside `forward`."""
+    param = next(model.parameters())
+    x = encoder_hidden_states.to(device=param.device, dtype=param.dtype)
+    cls = type(model).__name__
+    if cls in ("PixArtTransformer2DModel", "SanaTransformer2DModel"):
+        x = model.caption_projection(x)
+        if getattr(model, "caption_norm", None) is not None:
+            x = model.caption_norm(x)
+    elif getattr(model, "encoder_hid_proj", None) is not None:
+        if model.config.encoder_hid_dim_type != "text_proj":
+            raise ValueError(f"NASA/NAG: {cls} with encoder_hid_dim_type={model.config.encoder_hid_dim_type!r} is "
+                             f"not supported (only plain text conditioning).")
+        x = model.encoder_hid_proj(x)
+    return x
+
+
+def text_cross_attention_names(model) -> list[str]:
+    """Processor names of the text cross-attentions NASA patches; a clear error when the model has none."""
+    cls = type(model).__name__
+    if cls in JOINT_ATTENTION:
+        raise ValueError(f"NASA/NAG do not support {cls} yet: it mixes text and image tokens in one joint attention "
+                         f"(no separate text cross-attention to patch). Supported: {', '.join(SUPPORTED)}.")
+    names = [n for n in getattr(model, "attn_processors", {}) if n.endswith("attn2.processor")]
+    if not names:
+        raise ValueError(f"{cls} has no text cross-attention layers (`attn2`) for NASA/NAG; supported models: "
+                         f"{', '.join(SUPPORTED)}.")
+    return names
+
+
+class NASAHandle:
+    """An installed NASA/NAG patch: `set_negative(...)` per call, `remove()` restores the original processors."""
+
+    def __init__(self, model, context: NegativeContext):
+        self.model, self.context = model, context
+        names = text_cross_attention_names(model)
+        self.original = dict(model.attn_processors)
+        patched = {}
+        for name in names:
+            qk_before = type(self.original[name]).__name__ == "SanaAttnProcessor2_0"
+            patched[name] = NASAAttnProcessor(context, qk_norm_before_heads=qk_before)
+        self.names = sorted(patched)
+        model.set_attn_processor({name: patched.get(name, proc) for name, proc in self.original.items()})
+
+    def set_negative(self, encoder_hidden_states, attention_mask=None) -> "NASAHandle":
+        """The negative prompt's text-encoder output, as the model's `encoder_hidden_states` input would be."""
+        if encoder_hidden_states is not None:
+            encoder_hidden_states = project_context(self.model, encoder_hidden_states)
+        self.context.set_negative(encoder_hidden_states, attention_mask)
+        return self
+
+    def remove(self) -> None:
+        self.model.set_attn_processor(dict(self.original))
+        self.context.set_negative(None)
+
+
+def make_context(mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
+                 nag_alpha: float = 0.5) -> NegativeContext:
+    if mode not in MODES:
+        raise ValueError(f"`guidance` must be one of {MODES}, got {mode!r}.")
+    nasa.check_alpha(alpha)
+    if mode == "nag":
+        nag.check_params(nag_scale, nag_tau, nag_alpha)
+    return NegativeContext(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha))
+
+
+def apply_nasa(model, mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
+               nag_alpha: float = 0.5) -> NASAHandle:
+    """Install NASA (or NAG) on every text cross-attention of `model`; returns the handle to feed and remove it."""
+    return NASAHandle(model, make_context(mode, alpha, nag_scale, nag_tau, nag_alpha))
+
+
+def remove_nasa(handle: NASAHandle) -> None:
+    handle.remove()
+
+
+@contextlib.contextmanager
+def nasa_attention(model, negative_encoder_hidden_states, negative_attention_mask=None, **settings):
+    """`with nasa_attention(pipe.unet, neg_embeds, alpha=0.2): pipe(...)` — patched inside, restored after."""
+    handle = apply_nasa(model, **settings).set_negative(negative_encoder_hidden_states, negative_attention_mask)
+    try:
+        yield handle
+    finally:
+        handle.remove()
