@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import one_step_nodes
+from . import nasa_nodes, one_step_nodes
 
-NODE_MODULES = [one_step_nodes]
+NODE_MODULES = [one_step_nodes, nasa_nodes]
 
 
 class SwiftStepExtension(ComfyExtension):

@@ -178,6 +178,55 @@ def model_sampling(kind=EPS):
     return type("ModelSampling", (ModelSamplingDiscrete, kind), {})()
 
 
+# ----------------------------------------------------------------------------- comfy.ldm.modules.attention
+
+
+def optimized_attention(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                        **kwargs):
+    """attention_pytorch: (B, L, H·D) in and out."""
+    b, _, inner = q.shape
+    d = inner // heads
+    q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, -1, heads * d)
+
+
+class CrossAttention(torch.nn.Module):
+    def __init__(self, query_dim, context_dim, heads, dim_head):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.to_q = torch.nn.Linear(query_dim, inner, bias=False)
+        self.to_k = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_v = torch.nn.Linear(context_dim, inner, bias=False)
+        self.to_out = torch.nn.Sequential(torch.nn.Linear(inner, query_dim))
+
+
+class BasicTransformerBlock(torch.nn.Module):
+    def __init__(self, dim, context_dim, heads, dim_head):
+        super().__init__()
+        self.attn1 = CrossAttention(dim, dim, heads, dim_head)
+        self.attn2 = CrossAttention(dim, context_dim, heads, dim_head)
+
+
+class SpatialTransformer(torch.nn.Module):
+    def __init__(self, dim, context_dim, heads, depth):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList(
+            BasicTransformerBlock(dim, context_dim, heads, dim // heads) for _ in range(depth))
+
+
+class UNetModel(torch.nn.Module):
+    """comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel's block layout (attention parts only)."""
+
+    def __init__(self, context_dim=32, heads=2):
+        super().__init__()
+        st = lambda dim, depth=1: torch.nn.Sequential(torch.nn.Identity(), SpatialTransformer(dim, context_dim, heads, depth))  # noqa: E731
+        self.input_blocks = torch.nn.ModuleList([torch.nn.Identity(), st(32), torch.nn.Identity(), st(64, 2)])
+        self.middle_block = torch.nn.Sequential(torch.nn.Identity(), st(64), torch.nn.Identity())
+        self.output_blocks = torch.nn.ModuleList([torch.nn.Identity(), st(64), st(32)])
+
+
 # ----------------------------------------------------------------------------- comfy.model_management
 
 INTERRUPT = {"flag": False}
@@ -276,6 +325,20 @@ class FakeModelPatcher:
             return self.model.model_sampling
         return getattr(self.model, name)
 
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        # comfy.model_patcher.set_model_options_patch_replace: copies the dicts it changes
+        to = dict(self.model_options["transformer_options"])
+        patches_replace = dict(to.get("patches_replace", {}))
+        per_name = dict(patches_replace.get(name, {}))
+        block = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+        per_name[block] = patch
+        patches_replace[name] = per_name
+        to["patches_replace"] = patches_replace
+        self.model_options = {**self.model_options, "transformer_options": to}
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
 
 class FakeGuider:
     """What KSAMPLER receives as `model_wrap` (a CFGGuider at cfg 1): `inner_model` is the BaseModel."""
@@ -313,13 +376,20 @@ def install(monkeypatch) -> types.SimpleNamespace:
     ms = types.ModuleType("comfy.model_sampling")
     for cls in (EPS, V_PREDICTION, X0, CONST, ModelSamplingDiscrete, ModelSamplingDiscreteEDM):
         setattr(ms, cls.__name__, cls)
+    ldm = types.ModuleType("comfy.ldm")
+    ldm_modules = types.ModuleType("comfy.ldm.modules")
+    attention = types.ModuleType("comfy.ldm.modules.attention")
+    attention.optimized_attention = optimized_attention
+    ldm.modules, ldm_modules.attention = ldm_modules, attention
     mm = types.ModuleType("comfy.model_management")
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.InterruptProcessingException = InterruptProcessingException
-    comfy.samplers, comfy.model_sampling, comfy.model_management = samplers, ms, mm
+    comfy.samplers, comfy.model_sampling, comfy.model_management, comfy.ldm = samplers, ms, mm, ldm
 
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
-                         "comfy.samplers": samplers, "comfy.model_sampling": ms, "comfy.model_management": mm}.items():
+                         "comfy.samplers": samplers, "comfy.model_sampling": ms, "comfy.model_management": mm,
+                         "comfy.ldm": ldm, "comfy.ldm.modules": ldm_modules,
+                         "comfy.ldm.modules.attention": attention}.items():
         monkeypatch.setitem(sys.modules, name, module)
     for name in [m for m in sys.modules if m.startswith("swiftstep.nodes")]:
         monkeypatch.delitem(sys.modules, name)

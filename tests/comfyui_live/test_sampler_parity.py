@@ -69,3 +69,40 @@ def test_comfyui_sampling_equals_onestep_pipeline(comfy_inprocess, nodes, family
                generator=torch.Generator().manual_seed(seed), output_type="latent").images
     err = (got - ref).abs().max().item()
     assert err <= 1e-4 * max(1.0, ref.abs().max().item()), err
+
+
+def _sample(patcher, nodes, embeds, preset, steps, seed):
+    import comfy.sample
+
+    (sigmas,) = nodes.SwiftStepPresetSigmas.execute(patcher, preset, steps).args
+    (sampler,) = nodes.SwiftStepOneStepSampler.execute(preset, -1.0).args
+    latent = torch.zeros(1, 4, 16, 16)
+    cond = [[embeds, {}]]
+    out = comfy.sample.sample_custom(patcher, comfy.sample.prepare_noise(latent, seed), 1.0, sampler, sigmas, cond,
+                                     cond, latent, disable_pbar=True, seed=seed)
+    return patcher.model.latent_format.process_in(out)
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+def test_comfyui_nasa_node_equals_pipeline_negative_prompt(comfy_inprocess, nodes, mode):
+    from swiftstep.nodes import nasa_nodes
+
+    pipe = OneStepPipeline(**build_components("sd1"))
+    pipe.set_progress_bar_config(disable=True)
+    patcher = comfy_model(comfy_inprocess, pipe)
+    embeds, _ = pipe.encode_prompt([PROMPT])
+    negative, _ = pipe.encode_prompt(["blurry, watermark, extra fingers"])
+    options_before = repr(patcher.model_options)
+
+    settings = dict(nasa_scale=0.3, nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5)
+    (patched,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, **settings).args
+    got = _sample(patched, nodes, embeds, "tcd", 4, seed=3)
+    ref = pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, guidance=mode, preset="tcd",
+               num_inference_steps=4, generator=torch.Generator().manual_seed(3), output_type="latent", **settings).images
+    assert (got - ref).abs().max().item() <= 1e-4 * max(1.0, ref.abs().max().item())
+
+    plain = _sample(patcher, nodes, embeds, "tcd", 4, seed=3)
+    assert (got - plain).abs().max() > 1e-3  # the negative prompt did something
+    assert repr(patcher.model_options) == options_before  # the input MODEL is untouched
+    (off,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, 0.0, 1.0, 2.5, 0.5).args
+    assert torch.equal(_sample(off, nodes, embeds, "tcd", 4, seed=3), plain)  # zero strength: bit-identical

@@ -1,0 +1,139 @@
+"""SwiftStepNASA: a negative prompt for one-step models in ComfyUI, through NASA or NAG in every UNet attn2.
+
+The patched MODEL is a clone with an `attn2` replace patch per transformer block; the combination is `core.nasa` /
+`core.nag`, the attention ComfyUI's own `optimized_attention` for both branches (so α = 0 is the unpatched model).
+"""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..core import nag, nasa
+
+MODES = ("nasa", "nag")
+
+
+def attn2_locations(diffusion_model):
+    """((block, number, transformer_index), attn2 module) for every UNet transformer block with cross-attention,
+    keyed the way ComfyUI's UNet names them in `transformer_options["block"]`."""
+    found = []
+    for block, blocks in (("input", getattr(diffusion_model, "input_blocks", None)),
+                          ("middle", [getattr(diffusion_model, "middle_block", None)]),
+                          ("output", getattr(diffusion_model, "output_blocks", None))):
+        for number, sub in enumerate(blocks or []):
+            if sub is None:
+                continue
+            for module in sub.modules():
+                for index, tb in enumerate(getattr(module, "transformer_blocks", []) or []):
+                    if getattr(tb, "attn2", None) is not None:
+                        found.append(((block, number, index), tb.attn2))
+    return found
+
+
+class NASAAttn2Patch:
+    """`attn2` replace patch: (q, k, v, extra_options) → combine(Z+, Z−), before ComfyUI applies `to_out`."""
+
+    def __init__(self, attn2, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
+                 nag_alpha: float):
+        self.attn2, self.negative = attn2, negative
+        self.mode, self.alpha = mode, alpha
+        self.nag_scale, self.nag_tau, self.nag_alpha = nag_scale, nag_tau, nag_alpha
+        self._kv = {}  # (device, dtype) → (K−, V−): the negative prompt is constant over the steps
+
+    def negative_kv(self, like: torch.Tensor):
+        key = (like.device, like.dtype)
+        if key not in self._kv:
+            neg = self.negative.to(device=like.device, dtype=like.dtype)
+            with torch.no_grad():
+                self._kv = {key: (self.attn2.to_k(neg), self.attn2.to_v(neg))}
+        return self._kv[key]
+
+    def __call__(self, q, k, v, extra_options):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        heads = extra_options["n_heads"]
+        kwargs = dict(attn_precision=extra_options.get("attn_precision"), transformer_options=extra_options)
+        z_pos = optimized_attention(q, k, v, heads, **kwargs)  # what the unpatched layer computes
+        # Only rows of positive conditioning (cond_or_uncond 0) get the negative branch; with cfg > 1 the
+        # uncond rows stay as they are.
+        chunks = extra_options.get("cond_or_uncond") or [0]
+        rows = q.shape[0] // len(chunks)
+        pos_rows = [i for c, kind in enumerate(chunks) if kind == 0 for i in range(c * rows, (c + 1) * rows)]
+        if not pos_rows:
+            return z_pos
+        k_neg, v_neg = self.negative_kv(q)
+        idx = torch.tensor(pos_rows, device=q.device)
+        q_pos = q.index_select(0, idx)
+        reps = len(pos_rows) // k_neg.shape[0] if len(pos_rows) % k_neg.shape[0] == 0 else None
+        if reps is None:
+            raise ValueError(f"SwiftStepNASA: input `negative` has batch {k_neg.shape[0]}, which does not divide "
+                             f"the {len(pos_rows)} positive rows.")
+        k_neg, v_neg = k_neg.repeat_interleave(reps, 0), v_neg.repeat_interleave(reps, 0)
+        z_neg = optimized_attention(q_pos, k_neg, v_neg, heads, **kwargs)
+        z_sel = z_pos.index_select(0, idx)
+        if self.mode == "nag":
+            combined = nag.nag_combine(z_sel, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+        else:
+            combined = nasa.nasa_combine(z_sel, z_neg, self.alpha)
+        return z_pos.index_copy(0, idx, combined)
+
+
+def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
+                nag_alpha: float):
+    """A clone of `model` with NASA/NAG on every UNet cross-attention; `model` itself is left untouched."""
+    if mode not in MODES:
+        raise ValueError(f"SwiftStepNASA: input `mode` must be one of {MODES}, got {mode!r}.")
+    nasa.check_alpha(alpha, "nasa_scale")
+    if mode == "nag":
+        nag.check_params(nag_scale, nag_tau, nag_alpha)
+    diffusion_model = model.get_model_object("diffusion_model")
+    locations = attn2_locations(diffusion_model)
+    if not locations:
+        raise ValueError(f"SwiftStepNASA: input `model` is a {type(diffusion_model).__name__}, which has no UNet "
+                         f"text cross-attention (attn2) blocks; supported: SD1.x, SD2.x and SDXL UNets.")
+    m = model.clone()
+    for (block, number, index), attn2 in locations:
+        m.set_model_attn2_replace(NASAAttn2Patch(attn2, negative, mode, alpha, nag_scale, nag_tau, nag_alpha),
+                                  block, number, index)
+    return m
+
+
+class SwiftStepNASA(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SwiftStepNASA",
+            display_name="SwiftStep NASA / NAG Negative Prompt",
+            category="swiftstep/guidance",
+            description="A negative prompt without CFG: NASA (SNOOPI) or NAG in every text cross-attention. For "
+                        "one-step and few-step models; sample at cfg 1.0.",
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model (any loader). Not modified: the node "
+                                                "returns a patched clone."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (CLIP Text Encode). Its first entry "
+                                                          "is used; it may be longer than the positive prompt."),
+                io.Combo.Input("mode", options=list(MODES), default="nasa",
+                               tooltip="nasa: Z+ − α·Z− (SNOOPI). nag: normalized attention guidance (NAG paper)."),
+                io.Float.Input("nasa_scale", default=0.2, min=0.0, max=5.0, step=0.01,
+                               tooltip="NASA α. Paper values: SD1.5 0.1, SD2.1 0.2 (SwiftBrush v2 0.3), PixArt 0.5. "
+                                       "0 = off."),
+                io.Float.Input("nag_scale", default=3.0, min=1.0, max=20.0, step=0.1,
+                               tooltip="NAG scale = φ + 1 (the NAG code's convention; paper φ=2 → 3). 1 = off."),
+                io.Float.Input("nag_tau", default=2.5, min=1.0, max=10.0, step=0.1,
+                               tooltip="NAG τ: clips how much the guided attention's L1 norm may grow (paper: 2.5)."),
+                io.Float.Input("nag_alpha", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="NAG α: blend of the guided and the plain attention (SDXL 0.5, SD1.5 0.375)."),
+            ],
+            outputs=[io.Model.Output(tooltip="The patched clone; use with SamplerCustom or KSampler at cfg 1.0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, negative, mode, nasa_scale, nag_scale, nag_tau, nag_alpha) -> io.NodeOutput:
+        if not negative:
+            raise ValueError("SwiftStepNASA: input `negative` is empty; connect a CLIP Text Encode.")
+        context = negative[0][0]  # [B, L−, C]
+        return io.NodeOutput(patch_model(model, context, mode, nasa_scale, nag_scale, nag_tau, nag_alpha))
+
+
+NODES = [SwiftStepNASA]

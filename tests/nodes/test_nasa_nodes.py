@@ -1,0 +1,104 @@
+"""SwiftStepNASA against ComfyUI fakes: a patched clone, the original untouched, the maths of SNOOPI / NAG."""
+
+import math
+
+import pytest
+import torch
+
+from .. import comfy_fakes as fakes
+
+
+@pytest.fixture
+def node(monkeypatch):
+    fakes.install(monkeypatch)
+    from swiftstep.nodes import nasa_nodes
+
+    return nasa_nodes
+
+
+def make_patcher():
+    torch.manual_seed(0)
+    base = fakes.FakeBaseModel(None, fakes.model_sampling(), "SD15")
+    base.diffusion_model = fakes.UNetModel(context_dim=24, heads=2).double()
+    return fakes.FakeModelPatcher(base)
+
+
+def run(node, patcher, negative, **kw):
+    settings = {**dict(mode="nasa", nasa_scale=0.3, nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5), **kw}
+    (patched,) = node.SwiftStepNASA.execute(patcher, [[negative, {"pooled_output": None}]], **settings).args
+    return patched
+
+
+def reference(attn2, q, k, v, negative, heads, combine):
+    def sdpa(q, k, v):
+        b, lq, inner = q.shape
+        d = inner // heads
+        split = lambda t: t.view(b, -1, heads, d).transpose(1, 2)  # noqa: E731
+        w = torch.softmax(split(q) @ split(k).transpose(-1, -2) / math.sqrt(d), dim=-1)
+        return (w @ split(v)).transpose(1, 2).reshape(b, lq, inner)
+
+    neg = negative.expand(q.shape[0], -1, -1)
+    return combine(sdpa(q, k, v), sdpa(q, attn2.to_k(neg), attn2.to_v(neg)))  # eqs. 7–8 with the layer's W_k, W_v
+
+
+def test_returns_a_patched_clone_and_leaves_the_input_untouched(node):
+    patcher = make_patcher()
+    before = patcher.model_options
+    patched = run(node, patcher, torch.randn(1, 7, 24, dtype=torch.float64))
+    assert patched is not patcher and patcher.model_options is before
+    assert "patches_replace" not in patcher.model_options["transformer_options"]
+    keys = set(patched.model_options["transformer_options"]["patches_replace"]["attn2"])
+    assert keys == {("input", 1, 0), ("input", 3, 0), ("input", 3, 1), ("middle", 0, 0), ("output", 1, 0),
+                    ("output", 2, 0)}
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+def test_patch_matches_the_papers_equations(node, mode):
+    patcher = make_patcher()
+    negative = torch.randn(1, 13, 24, dtype=torch.float64)
+    patched = run(node, patcher, negative, mode=mode)
+    key, patch = next(iter(patched.model_options["transformer_options"]["patches_replace"]["attn2"].items()))
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(2, 63, 32, generator=g, dtype=torch.float64) for _ in range(3))
+    k, v = k[:, :77 % 63], v[:, :77 % 63]
+    got = patch(q, k, v, {"n_heads": 2, "cond_or_uncond": [0]})
+
+    def nag_ref(zp, zn, s=3.0, tau=2.5, a=0.5):
+        zt = zp + (s - 1) * (zp - zn)
+        r = zt.abs().sum(-1, keepdim=True) / zp.abs().sum(-1, keepdim=True)
+        return a * zt * torch.clamp(r, max=tau) / r + (1 - a) * zp
+
+    combine = (lambda zp, zn: zp - 0.3 * zn) if mode == "nasa" else nag_ref
+    ref = reference(patch.attn2, q, k, v, negative, 2, combine)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+
+
+def test_zero_strength_is_exactly_the_unpatched_attention(node):
+    patcher = make_patcher()
+    for kw in (dict(nasa_scale=0.0), dict(mode="nag", nag_scale=1.0)):
+        patched = run(node, patcher, torch.randn(1, 5, 24, dtype=torch.float64), **kw)
+        patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+        q, k, v = (torch.randn(1, 16, 64, dtype=torch.float64) for _ in range(3))
+        assert torch.equal(patch(q, k, v, {"n_heads": 2}), fakes.optimized_attention(q, k, v, 2))
+
+
+def test_only_positive_rows_are_steered(node):
+    patched = run(node, make_patcher(), torch.randn(1, 5, 24, dtype=torch.float64))
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    q, k, v = (torch.randn(4, 16, 32, dtype=torch.float64) for _ in range(3))
+    plain = fakes.optimized_attention(q, k, v, 2)
+    got = patch(q, k, v, {"n_heads": 2, "cond_or_uncond": [1, 0]})  # rows 0–1 uncond, 2–3 cond
+    assert torch.equal(got[:2], plain[:2]) and not torch.allclose(got[2:], plain[2:])
+
+
+def test_bad_input_names_the_node_and_input(node):
+    patcher = make_patcher()
+    with pytest.raises(ValueError, match=r"`nasa_scale` must be a finite number, got nan"):
+        run(node, patcher, torch.randn(1, 5, 24), nasa_scale=float("nan"))
+    with pytest.raises(ValueError, match="SwiftStepNASA: input `negative` is empty"):
+        node.SwiftStepNASA.execute(patcher, [], "nasa", 0.2, 3.0, 2.5, 0.5)
+    dit = make_patcher()
+    dit.model.diffusion_model = torch.nn.Linear(2, 2)
+    with pytest.raises(ValueError, match=r"SwiftStepNASA: input `model` is a Linear, which has no UNet text "
+                                         r"cross-attention \(attn2\) blocks"):
+        run(node, dit, torch.randn(1, 5, 24))
