@@ -22,7 +22,7 @@ def specs(monkeypatch):
 
 def test_there_are_workflows_for_each_family():
     names = {w.stem for w in WORKFLOWS}
-    assert {"sd_turbo_one_step", "sdxl_dmd2_4step"} <= names
+    assert {"sd_turbo_one_step", "sdxl_dmd2_4step", "sd_turbo_negative_prompt_nasa"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
