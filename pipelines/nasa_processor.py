@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from ..core import nag, nasa
 
-SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel")
-JOINT_ATTENTION = ("FluxTransformer2DModel", "SD3Transformer2DModel", "QwenImageTransformer2DModel",
+SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
+             "FluxTransformer2DModel (experimental)")
+JOINT_ATTENTION = ("SD3Transformer2DModel", "QwenImageTransformer2DModel",
                    "HunyuanVideoTransformer3DModel", "WanTransformer3DModel", "AuraFlowTransformer2DModel")
 MODES = ("nasa", "nag")
 
@@ -228,8 +229,15 @@ def make_context(mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0,
 
 def apply_nasa(model, mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
                nag_alpha: float = 0.5) -> NASAHandle:
-    """Install NASA (or NAG) on every text cross-attention of `model`; returns the handle to feed and remove it."""
-    return NASAHandle(model, make_context(mode, alpha, nag_scale, nag_tau, nag_alpha))
+    """Install NASA (or NAG) on every text cross-attention of `model`; returns the handle to feed and remove it.
+
+    FluxTransformer2DModel gets the experimental joint-attention route (`nasa_joint`)."""
+    context = make_context(mode, alpha, nag_scale, nag_tau, nag_alpha)
+    if type(model).__name__ == "FluxTransformer2DModel":
+        from .nasa_joint import JointNASAHandle
+
+        return JointNASAHandle(model, context)
+    return NASAHandle(model, context)
 
 
 def remove_nasa(handle: NASAHandle) -> None:

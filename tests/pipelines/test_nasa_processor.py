@@ -229,11 +229,11 @@ def test_errors_name_the_problem(nets):
     with pytest.raises(ValueError, match=r"`nag_scale` \(= φ \+ 1\) must be ≥ 1"):
         apply_nasa(nets["sd1"], mode="nag", nag_scale=0.5)
 
-    class FluxTransformer2DModel(torch.nn.Module):
+    class SD3Transformer2DModel(torch.nn.Module):
         attn_processors = {}
 
-    with pytest.raises(ValueError, match="do not support FluxTransformer2DModel yet: it mixes text and image"):
-        apply_nasa(FluxTransformer2DModel())
+    with pytest.raises(ValueError, match="do not support SD3Transformer2DModel yet: it mixes text and image"):
+        apply_nasa(SD3Transformer2DModel())
     assert all(not isinstance(p, NASAAttnProcessor) for p in nets["sd1"].attn_processors.values())
 
 
