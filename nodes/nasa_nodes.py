@@ -79,6 +79,48 @@ class NASAAttn2Patch:
         return z_pos.index_copy(0, idx, combined)
 
 
+class PixArtCrossAttnForward:
+    """Object patch for ComfyUI's PixArt `MultiHeadCrossAttention.forward` (DiTs have no attn2 replace hook):
+    the same positive attention, plus the negative branch through the block's own `kv_linear`."""
+
+    def __init__(self, module, y_proj, negative: torch.Tensor, combine):
+        self.module, self.y_proj, self.negative, self.combine = module, y_proj, negative, combine
+        self._kv = {}
+
+    def __call__(self, x, cond, mask=None):
+        from comfy.ldm.modules.attention import optimized_attention
+
+        m = self.module
+        B, N, C = x.shape
+        q = m.q_linear(x).view(1, -1, m.num_heads, m.head_dim)
+        k, v = m.kv_linear(cond).view(1, -1, 2, m.num_heads, m.head_dim).unbind(2)
+        q = q.view(B, -1, C)
+        z_pos = optimized_attention(q, k.view(B, -1, C), v.view(B, -1, C), m.num_heads, mask=None)
+        key = (x.device, x.dtype)
+        if key not in self._kv:
+            with torch.no_grad():
+                neg = self.y_proj(self.negative.to(device=x.device, dtype=x.dtype))  # the model's caption MLP
+                k_neg, v_neg = m.kv_linear(neg).view(neg.shape[0], -1, 2, C).unbind(2)
+            self._kv = {key: (k_neg, v_neg)}
+        k_neg, v_neg = self._kv[key]
+        if B % k_neg.shape[0]:
+            raise ValueError(f"SwiftStepNASA: input `negative` has batch {k_neg.shape[0]}, which does not divide "
+                             f"the batch {B}.")
+        reps = B // k_neg.shape[0]
+        z_neg = optimized_attention(q, k_neg.repeat_interleave(reps, 0), v_neg.repeat_interleave(reps, 0),
+                                    m.num_heads, mask=None)
+        return m.proj_drop(m.proj(self.combine(z_pos, z_neg)))
+
+
+def pixart_cross_attentions(diffusion_model):
+    """(object-patch name, module) of every PixArt cross-attention in a ComfyUI PixArt model, else []."""
+    if getattr(diffusion_model, "y_embedder", None) is None:
+        return []
+    return [(f"diffusion_model.blocks.{i}.cross_attn.forward", block.cross_attn)
+            for i, block in enumerate(getattr(diffusion_model, "blocks", []))
+            if hasattr(getattr(block, "cross_attn", None), "kv_linear")]
+
+
 def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
                 nag_alpha: float):
     """A clone of `model` with NASA/NAG on every UNet cross-attention; `model` itself is left untouched."""
@@ -89,10 +131,22 @@ def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scal
         nag.check_params(nag_scale, nag_tau, nag_alpha)
     diffusion_model = model.get_model_object("diffusion_model")
     locations = attn2_locations(diffusion_model)
-    if not locations:
-        raise ValueError(f"SwiftStepNASA: input `model` is a {type(diffusion_model).__name__}, which has no UNet "
-                         f"text cross-attention (attn2) blocks; supported: SD1.x, SD2.x and SDXL UNets.")
+    pixart = pixart_cross_attentions(diffusion_model) if not locations else []
+    if not locations and not pixart:
+        raise ValueError(f"SwiftStepNASA: input `model` is a {type(diffusion_model).__name__}, which has no text "
+                         f"cross-attention blocks NASA can patch; supported: SD1.x, SD2.x and SDXL UNets, PixArt.")
     m = model.clone()
+    if pixart:  # DiT route: per-clone object patches, applied only while this clone samples
+
+        def combine(z_pos, z_neg):
+            if mode == "nag":
+                return nag.nag_combine(z_pos, z_neg, nag_scale, nag_tau, nag_alpha)
+            return nasa.nasa_combine(z_pos, z_neg, alpha)
+
+        y_proj = diffusion_model.y_embedder.y_proj
+        for name, module in pixart:
+            m.add_object_patch(name, PixArtCrossAttnForward(module, y_proj, negative, combine))
+        return m
     for (block, number, index), attn2 in locations:
         m.set_model_attn2_replace(NASAAttn2Patch(attn2, negative, mode, alpha, nag_scale, nag_tau, nag_alpha),
                                   block, number, index)

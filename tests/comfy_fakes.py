@@ -216,6 +216,38 @@ class SpatialTransformer(torch.nn.Module):
             BasicTransformerBlock(dim, context_dim, heads, dim // heads) for _ in range(depth))
 
 
+class MultiHeadCrossAttention(torch.nn.Module):
+    """comfy.ldm.pixart.blocks.MultiHeadCrossAttention (its forward, verbatim in behaviour)."""
+
+    def __init__(self, d_model, num_heads):
+        super().__init__()
+        self.d_model, self.num_heads, self.head_dim = d_model, num_heads, d_model // num_heads
+        self.q_linear = torch.nn.Linear(d_model, d_model)
+        self.kv_linear = torch.nn.Linear(d_model, d_model * 2)
+        self.proj = torch.nn.Linear(d_model, d_model)
+        self.proj_drop = torch.nn.Dropout(0.0)
+
+    def forward(self, x, cond, mask=None):
+        B, N, C = x.shape
+        q = self.q_linear(x).view(1, -1, self.num_heads, self.head_dim)
+        k, v = self.kv_linear(cond).view(1, -1, 2, self.num_heads, self.head_dim).unbind(2)
+        x = optimized_attention(q.view(B, -1, C), k.view(B, -1, C), v.view(B, -1, C), self.num_heads, mask=None)
+        return self.proj_drop(self.proj(x))
+
+
+class PixArtMS(torch.nn.Module):
+    def __init__(self, d=32, caption_channels=40, heads=2, depth=2):
+        super().__init__()
+        self.y_embedder = torch.nn.Module()
+        self.y_embedder.y_proj = torch.nn.Sequential(torch.nn.Linear(caption_channels, d), torch.nn.GELU(),
+                                                     torch.nn.Linear(d, d))
+        self.blocks = torch.nn.ModuleList()
+        for _ in range(depth):
+            block = torch.nn.Module()
+            block.cross_attn = MultiHeadCrossAttention(d, heads)
+            self.blocks.append(block)
+
+
 class UNetModel(torch.nn.Module):
     """comfy.ldm.modules.diffusionmodules.openaimodel.UNetModel's block layout (attention parts only)."""
 
@@ -338,6 +370,9 @@ class FakeModelPatcher:
 
     def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
         self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
+    def add_object_patch(self, name, obj):
+        self.object_patches = {**getattr(self, "object_patches", {}), name: obj}
 
 
 class FakeGuider:

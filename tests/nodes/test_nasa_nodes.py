@@ -99,6 +99,39 @@ def test_bad_input_names_the_node_and_input(node):
         node.SwiftStepNASA.execute(patcher, [], "nasa", 0.2, 3.0, 2.5, 0.5)
     dit = make_patcher()
     dit.model.diffusion_model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"SwiftStepNASA: input `model` is a Linear, which has no UNet text "
-                                         r"cross-attention \(attn2\) blocks"):
+    with pytest.raises(ValueError, match=r"SwiftStepNASA: input `model` is a Linear, which has no text "
+                                         r"cross-attention blocks NASA can patch"):
         run(node, dit, torch.randn(1, 5, 24))
+
+
+def test_pixart_gets_per_clone_object_patches_matching_nasa(node):
+    torch.manual_seed(0)
+    base = fakes.FakeBaseModel(None, fakes.model_sampling(), "PixArtAlpha")
+    base.diffusion_model = fakes.PixArtMS().double()
+    patcher = fakes.FakeModelPatcher(base)
+    negative = torch.randn(1, 11, 40, dtype=torch.float64)  # raw T5 features, before the caption MLP
+    patched = run(node, patcher, negative, nasa_scale=0.4)
+    assert not getattr(patcher, "object_patches", {})  # the input MODEL carries no patch
+    assert set(patched.object_patches) == {"diffusion_model.blocks.0.cross_attn.forward",
+                                           "diffusion_model.blocks.1.cross_attn.forward"}
+    module = base.diffusion_model.blocks[0].cross_attn
+    forward = patched.object_patches["diffusion_model.blocks.0.cross_attn.forward"]
+    g = torch.Generator().manual_seed(2)
+    x, cond = torch.randn(2, 16, 32, generator=g, dtype=torch.float64), torch.randn(1, 2 * 9, 32, generator=g,
+                                                                                      dtype=torch.float64)
+    neg = base.diffusion_model.y_embedder.y_proj(negative).expand(2, -1, -1)
+    ref = module.proj(reference(module_as_attn2(module), module.q_linear(x), *module.kv_linear(cond).view(
+        2, 9, 2, 32).unbind(2), neg, 2, lambda zp, zn: zp - 0.4 * zn))
+    got = forward(x, cond)
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-6
+    off = run(node, patcher, negative, nasa_scale=0.0).object_patches["diffusion_model.blocks.0.cross_attn.forward"]
+    assert torch.equal(off(x, cond), module(x, cond))  # α = 0: the original forward, bit for bit
+
+
+def module_as_attn2(module):
+    """PixArt packs K and V in one `kv_linear`; expose them as to_k / to_v for the reference."""
+    c = module.d_model
+    shim = torch.nn.Module()
+    shim.to_k = lambda t: module.kv_linear(t).view(*t.shape[:-1], 2, c)[..., 0, :]
+    shim.to_v = lambda t: module.kv_linear(t).view(*t.shape[:-1], 2, c)[..., 1, :]
+    return shim
