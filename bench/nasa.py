@@ -9,37 +9,15 @@ step, against ≈ 2× for CFG. Benchmarks are not tests: nothing here asserts a 
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
-
-
-def _time(fn, device, repeats):
-    fn()
-    out = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t0)
-    return statistics.median(out)
+from harness import device_name, median_seconds, parser
 
 
 def main():
     from swiftstep.pipelines.nasa_processor import nasa_attention
     from swiftstep.tiny_models import build_components
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parser(__doc__.split("\n")[0]).parse_args()
     dtype = getattr(torch, args.dtype)
 
     unet = build_components("sd2", size=args.size)["unet"].to(args.device, dtype)
@@ -59,12 +37,13 @@ def main():
     def cfg():
         return unet(torch.cat([x, x]), torch.cat([t, t]), encoder_hidden_states=torch.cat([neg, pos])).sample
 
-    rows = [("plain step", _time(plain, args.device, args.repeats)), ("CFG (batch 2)", _time(cfg, args.device, args.repeats))]
+    rows = [("plain step", median_seconds(plain, args.device, args.repeats)),
+            ("CFG (batch 2)", median_seconds(cfg, args.device, args.repeats))]
     for mode in ("nasa", "nag"):
         with nasa_attention(unet, neg, mode=mode, alpha=0.2):
-            rows.append((f"{mode.upper()} (one pass)", _time(plain, args.device, args.repeats)))
+            rows.append((f"{mode.upper()} (one pass)", median_seconds(plain, args.device, args.repeats)))
 
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    dev = device_name(args.device)
     print(f"# negative-prompt overhead, SD2.1-arch UNet ({args.size}, {side * 8}² px), {dev}, {args.dtype}, "
           f"torch {torch.__version__}")
     print(f"{'path':<18}{'ms':>10}{'× plain':>10}")

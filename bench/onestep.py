@@ -9,25 +9,8 @@ ratio, and the max pixel difference between the two images. Benchmarks are not t
 
 from __future__ import annotations
 
-import argparse
-import statistics
-import time
-
 import torch
-
-
-def _time(fn, device: str, repeats: int) -> float:
-    fn()  # warm-up (allocations, cuDNN autotune)
-    times = []
-    for _ in range(repeats):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device == "cuda":
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+from harness import device_name, median_seconds, parser
 
 
 def run(family: str, preset: str, size: str, device: str, dtype: torch.dtype, repeats: int, resolution: int | None):
@@ -67,19 +50,14 @@ def run(family: str, preset: str, size: str, device: str, dtype: torch.dtype, re
 
     with torch.inference_mode():
         diff = (run_ours().float() - run_stock().float()).abs().max().item()
-        t_ours, t_stock = _time(run_ours, device, repeats), _time(run_stock, device, repeats)
+        t_ours, t_stock = median_seconds(run_ours, device, repeats), median_seconds(run_stock, device, repeats)
     return px, t_ours, t_stock, diff
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--size", choices=("tiny", "full"), default="tiny")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32")
-    parser.add_argument("--repeats", type=int, default=10)
-    args = parser.parse_args()
+    args = parser(__doc__.split("\n")[0]).parse_args()
     dtype = getattr(torch, args.dtype)
-    dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    dev = device_name(args.device)
     print(f"# one-step latency, {args.size} random-weight models, {dev}, {args.dtype}, torch {torch.__version__}")
     print(f"{'model':<22}{'res':>6}{'ours ms':>10}{'stock ms':>10}{'ours/stock':>12}{'max |Δpx|':>12}")
     for family, preset, label in (("sd2", "sd-turbo", "SD2.1-arch sd-turbo"), ("sdxl", "sdxl-turbo", "SDXL-arch sdxl-turbo")):

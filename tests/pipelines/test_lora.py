@@ -102,19 +102,15 @@ def test_lora_whose_keys_match_nothing_is_an_error(models, tmp_path):
         pipe.load_lora_weights(path)
 
 
-def test_sdxl_lora_on_sd1_is_an_error(models, tmp_path):
+@pytest.mark.parametrize("name,state,match", [
+    ("sdxl_lora.safetensors",
+     {"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 48),
+      "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(48, 4)},
+     r"sdxl_lora.safetensors: has 1 LoRA layers for `text_encoder_2`"),
+    ("not_a_lora.safetensors", {"model.diffusion_model.out.2.weight": torch.zeros(2)}, "not_a_lora.safetensors"),
+])
+def test_lora_for_another_model_is_an_error(models, tmp_path, name, state, match):
     pipe = _load(models, "sd1")
-    sd = {"text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 48),
-          "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(48, 4)}
-    path = tmp_path / "sdxl_lora.safetensors"
-    save_file(sd, str(path))
-    with pytest.raises(ValueError, match=r"sdxl_lora.safetensors: has 1 LoRA layers for `text_encoder_2`"):
-        pipe.load_lora_weights(path)
-
-
-def test_file_without_lora_weights_is_an_error(models, tmp_path):
-    pipe = _load(models, "sd1")
-    path = tmp_path / "not_a_lora.safetensors"
-    save_file({"model.diffusion_model.out.2.weight": torch.zeros(2)}, str(path))
-    with pytest.raises(ValueError, match="not_a_lora.safetensors"):
-        pipe.load_lora_weights(path)
+    save_file(state, str(tmp_path / name))
+    with pytest.raises(ValueError, match=match):
+        pipe.load_lora_weights(tmp_path / name)
