@@ -17,9 +17,10 @@ import contextlib
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from .. import kernels
 from ..core import nag, nasa
+from .attention_processor import SwiftStepAttnProcessor
 
 SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
              "FluxTransformer2DModel (experimental)")
@@ -64,15 +65,15 @@ def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
     return t.repeat_interleave(batch // t.shape[0], dim=0)
 
 
-class NASAAttnProcessor:
-    """Text cross-attention with a negative branch: out = W_o·combine(Z+, Z−) (+ bias), Q projected once."""
+class NASAAttnProcessor(SwiftStepAttnProcessor):
+    """Text cross-attention with a negative branch: out = W_o·combine(Z+, Z−) (+ bias), Q projected once.
+
+    The attention runs through `kernels.dual_attention`: on CUDA the fused Triton kernel (one read of Q, both
+    softmaxes in one pass, NASA's subtraction in its epilogue); elsewhere two SDPA calls."""
 
     def __init__(self, context: NegativeContext, qk_norm_before_heads: bool = False):
+        super().__init__(qk_norm_before_heads=qk_norm_before_heads)
         self.context = context
-        self.qk_norm_before_heads = qk_norm_before_heads  # SanaAttnProcessor2_0's order
-
-    def _heads(self, attn, x, batch, head_dim):
-        return x.view(batch, -1, attn.heads, head_dim).transpose(1, 2)
 
     def _negative_kv(self, attn, batch, head_dim, dtype, device):
         ctx = self.context
@@ -100,63 +101,20 @@ class NASAAttnProcessor:
         bias = attn.prepare_attention_mask(bias, mask.shape[-1], batch)
         return bias.view(batch, attn.heads, -1, bias.shape[-1])
 
-    def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
-                 attention_mask: torch.Tensor | None = None, temb: torch.Tensor | None = None) -> torch.Tensor:
-        residual = hidden_states
-        if attn.spatial_norm is not None:
-            hidden_states = attn.spatial_norm(hidden_states, temb)
-        input_ndim = hidden_states.ndim
-        if input_ndim == 4:
-            batch_size, channel, height, width = hidden_states.shape
-            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
-        batch_size, sequence_length, _ = (
-            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
-        )
-        if attention_mask is not None:
-            attention_mask = attn.prepare_attention_mask(attention_mask, sequence_length, batch_size)
-            attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-
-        query = attn.to_q(hidden_states)  # SNOOPI eqs. 7–8 share W_q: Q is projected once
-        if encoder_hidden_states is None:
-            encoder_hidden_states = hidden_states
-        elif attn.norm_cross:
-            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
-        key = attn.to_k(encoder_hidden_states)
-        value = attn.to_v(encoder_hidden_states)
-        if self.qk_norm_before_heads:
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-        head_dim = key.shape[-1] // attn.heads
-        query = self._heads(attn, query, batch_size, head_dim)
-        key, value = self._heads(attn, key, batch_size, head_dim), self._heads(attn, value, batch_size, head_dim)
-        if not self.qk_norm_before_heads:
-            if attn.norm_q is not None:
-                query = attn.norm_q(query)
-            if attn.norm_k is not None:
-                key = attn.norm_k(key)
-
-        z_pos = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=0.0,
-                                               is_causal=False)  # eq. 7, [B, H, L, D]
-        z_pos = z_pos.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
-        hidden_states = z_pos
-        if self.context.encoder_hidden_states is not None:
-            k_neg, v_neg = self._negative_kv(attn, batch_size, head_dim, query.dtype, query.device)
-            z_neg = F.scaled_dot_product_attention(query, k_neg, v_neg, dropout_p=0.0, is_causal=False,
-                                                   attn_mask=self._negative_mask(attn, batch_size, query.dtype))
-            z_neg = z_neg.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)  # eq. 8
-            hidden_states = self.context.combine(z_pos, z_neg)  # eq. 9 (NAG: eqs. 7–10), before W_o
-
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if input_ndim == 4:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch_size, channel, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+    def attend(self, attn, query, key, value, attention_mask):
+        ctx = self.context
+        if ctx.encoder_hidden_states is None:
+            return super().attend(attn, query, key, value, attention_mask)
+        batch, _, _, head_dim = query.shape
+        k_neg, v_neg = self._negative_kv(attn, batch, head_dim, query.dtype, query.device)
+        neg_mask = self._negative_mask(attn, batch, query.dtype)
+        if ctx.mode == "nasa":  # eqs. 7–9, the subtraction fused into the attention epilogue
+            z = kernels.dual_attention(query, key, value, k_neg, v_neg, alpha=ctx.alpha, mask_pos=attention_mask,
+                                       mask_neg=neg_mask)
+            return self._merge(attn, z, query.dtype)
+        z_pos, z_neg = kernels.dual_attention(query, key, value, k_neg, v_neg, mask_pos=attention_mask,
+                                              mask_neg=neg_mask)
+        return ctx.combine(self._merge(attn, z_pos, query.dtype), self._merge(attn, z_neg, query.dtype))  # NAG
 
 
 @torch.no_grad()

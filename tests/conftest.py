@@ -1,6 +1,13 @@
 import logging
+import os
 
 import pytest
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter when no GPU is present; it must be set before
+# `import triton`, which happens only in kernel code and tests.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from .fixtures import write_model
 

@@ -194,20 +194,23 @@ def test_negative_equal_to_positive_at_alpha_one_removes_the_text(nets, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_negative_prompt_lowers_the_projection_on_z_neg(nets, family):
+def test_negative_prompt_lowers_the_projection_on_z_neg(nets, family, monkeypatch):
     """In every patched layer the attention output moves away from the negative branch: ⟨Z, Z−⟩ < ⟨Z+, Z−⟩."""
+    from swiftstep import kernels
+
     net = nets[family]
     pos, neg = contexts(family)
     seen = []
-    handle = apply_nasa(net, alpha=0.5).set_negative(neg)
-    combine = handle.context.combine
+    real = kernels.dual_attention
 
-    def record(z_pos, z_neg):
-        z = combine(z_pos, z_neg)
+    def record(q, k_pos, v_pos, k_neg, v_neg, alpha=None, **kw):
+        z = real(q, k_pos, v_pos, k_neg, v_neg, alpha=alpha, **kw)
+        z_pos, z_neg = real(q, k_pos, v_pos, k_neg, v_neg, **kw)
         seen.append(((z * z_neg).sum().item(), (z_pos * z_neg).sum().item()))
         return z
 
-    handle.context.combine = record
+    monkeypatch.setattr(kernels, "dual_attention", record)
+    handle = apply_nasa(net, alpha=0.5).set_negative(neg)
     try:
         out = forward(family, net, pos)
     finally:

@@ -1,0 +1,118 @@
+"""`attention` and `dual_attention`: the Triton kernels where they are supported and measured faster, SDPA elsewhere.
+
+Both take SDPA's layout and conventions: q [B, H, Lq, D], k/v [B, H, Lk, D], `mask` a key-padding mask (bool,
+True = attend, or additive float) broadcastable to [B, H, 1, Lk], `scale` default 1/√D. The SDPA path is exact
+PyTorch; the Triton path agrees with it to float rounding (tests: fp32 ≤ 1e-4, fp16 ≤ 3e-3 relative).
+
+Path choice, per call: `backend=` argument, else the `SWIFTSTEP_ATTENTION` environment variable (`auto` | `triton` |
+`sdpa`), else `auto`. `auto` picks Triton only where an H100 measurement says it wins (shared/notes/
+triton_attention.md): the fused dual kernel for short negative/positive contexts (≤ 300 keys: 27 µs vs 40 µs for two
+cuDNN calls at SDXL's 4096×77, d64, fp16). For single attention cuDNN SDPA is faster (0.8–0.93× for Triton), so
+`auto` keeps SDPA. Each distinct choice is logged once with its reason; `last_path()` returns the latest.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("swiftstep.kernels")
+
+BACKENDS = ("auto", "triton", "sdpa")
+ENV = "SWIFTSTEP_ATTENTION"
+DUAL_MAX_KEYS = 300  # above this, two cuDNN calls beat the fused kernel (B1·H24·4096×512·d128 bf16 on H100)
+_logged: set = set()
+_last: dict = {}
+
+
+def _triton_module():
+    try:
+        from . import flash_attn_triton
+    except ImportError as e:  # no triton wheel on this platform
+        return None, f"triton is not importable ({e})"
+    return flash_attn_triton, ""
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _unsupported(q: torch.Tensor, tensors, masks) -> str:
+    """Why the Triton path cannot run these inputs ('' when it can)."""
+    if not (q.is_cuda or (_interpreting() and q.device.type == "cpu")):
+        return f"inputs on {q.device.type} (Triton needs CUDA)"
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return f"dtype {q.dtype}"
+    if q.shape[-1] > 256:
+        return f"head_dim {q.shape[-1]} > 256"
+    if any(t.dtype != q.dtype or t.device != q.device for t in tensors):
+        return "mixed dtypes/devices"
+    for m in masks:
+        if m is not None and m.dim() == 4 and m.shape[2] != 1:
+            return "per-query mask (only key-padding masks)"
+    module, why = _triton_module()
+    return why if module is None else ""
+
+
+def _choose(kind: str, q, tensors, masks, lk: int, backend: str | None) -> str:
+    backend = backend or os.environ.get(ENV, "auto")
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend must be one of {BACKENDS} (argument or ${ENV}), got {backend!r}.")
+    if backend == "sdpa":
+        path, reason = "sdpa", f"forced ({ENV} or backend=)"
+    else:
+        why = _unsupported(q, tensors, masks)
+        if backend == "triton":
+            if why:
+                raise ValueError(f"Triton {kind} attention was forced but cannot run: {why}.")
+            path, reason = "triton", "forced"
+        elif why:
+            path, reason = "sdpa", why
+        elif not q.is_cuda:  # the CPU interpreter is for tests, never an automatic choice
+            path, reason = "sdpa", f"inputs on {q.device.type} (Triton needs CUDA)"
+        elif kind == "dual" and lk <= DUAL_MAX_KEYS:
+            path, reason = "triton", f"fused dual kernel reads Q once (contexts ≤ {DUAL_MAX_KEYS} keys)"
+        elif kind == "dual":
+            path, reason = "sdpa", f"contexts of {lk} keys: two cuDNN calls measured faster than the fused kernel"
+        else:
+            path, reason = "sdpa", "cuDNN SDPA measured faster than the Triton kernel for single attention"
+    key = (kind, path, reason)
+    if key not in _logged:
+        _logged.add(key)
+        logger.info("swiftstep %s attention: %s (%s)", kind, path, reason)
+    _last.update(kind=kind, path=path, reason=reason)
+    return path
+
+
+def last_path() -> dict:
+    """{'kind', 'path', 'reason'} of the latest call."""
+    return dict(_last)
+
+
+def _sdpa_mask(mask):
+    if mask is None or mask.dim() == 4:
+        return mask
+    return mask[:, None, None, :] if mask.dim() == 2 else mask[:, :, None, :]
+
+
+def attention(q, k, v, mask=None, scale=None, backend: str | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v, [B, H, Lq, D] → [B, H, Lq, D]."""
+    if _choose("single", q, (k, v), (mask,), k.shape[2], backend) == "triton":
+        return _triton_module()[0].flash_attention(q, k, v, mask, scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(mask), scale=scale)
+
+
+def dual_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, mask_pos=None, mask_neg=None,
+                   scale=None, backend: str | None = None):
+    """NASA's two branches with one query: `Z+ − α·Z−` when `alpha` is given (the fused epilogue of SNOOPI eq. 9),
+    else `(Z+, Z−)` (NAG: its norm spans all heads, so the caller combines)."""
+    lk = max(k_pos.shape[2], k_neg.shape[2])
+    if _choose("dual", q, (k_pos, v_pos, k_neg, v_neg), (mask_pos, mask_neg), lk, backend) == "triton":
+        return _triton_module()[0].dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha, mask_pos, mask_neg,
+                                                        scale)
+    z_pos = F.scaled_dot_product_attention(q, k_pos, v_pos, attn_mask=_sdpa_mask(mask_pos), scale=scale)
+    z_neg = F.scaled_dot_product_attention(q, k_neg, v_neg, attn_mask=_sdpa_mask(mask_neg), scale=scale)
+    return (z_pos, z_neg) if alpha is None else torch.sub(z_pos, z_neg, alpha=alpha)

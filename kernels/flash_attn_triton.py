@@ -1,0 +1,217 @@
+"""Triton flash-attention forward kernels for diffusion models: plain attention and fused dual (NASA) attention.
+
+Algorithm: FlashAttention-2's forward (Dao 2023, Alg. 1) — one program per (query tile, batch·head), streaming
+K/V tiles with an online softmax in base 2: the score scale carries log2(e) so `exp2` replaces `exp`, the running
+output is rescaled before each P·V product, and the row sums divide once in the epilogue. Non-causal only (diffusion).
+
+The dual kernel loads each Q tile once and runs two online softmaxes, over (K+, V+) and (K−, V−) of different
+lengths, then either writes `Z+ − α·Z−` (SNOOPI eq. 9, fused epilogue) or both outputs (for NAG, whose per-token
+norm spans all heads and is applied by the caller).
+
+Layout: [B, H, L, D] with arbitrary strides; any Lq/Lk (ragged tails masked); head dims up to 256 (padded to a
+power of two in registers, masked in memory). Masks: key-padding, broadcastable to [B, H, 1, Lk], as an additive
+float bias in natural-log units (0 keep, −inf drop). Host wrappers: `flash_attention`, `dual_flash_attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # 1/ln 2: the kernels use exp2
+
+
+@triton.jit
+def _attend(acc, m_i, l_i, q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale,
+            offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """Online softmax over all K/V tiles of one sequence; returns the updated (acc, m_i, l_i)."""
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < LK
+        k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [D, BN]
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+        if HAS_MASK:
+            bias = tl.load(bias_ptr + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            qk = qk + bias[None, :] * 1.4426950408889634
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        acc = acc * alpha[:, None]
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_ij
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_fwd_kernel(Q, K, V, Out, Bias,
+                      stride_qb, stride_qh, stride_qm, stride_qd,
+                      stride_kb, stride_kh, stride_kn, stride_kd,
+                      stride_vb, stride_vh, stride_vn, stride_vd,
+                      stride_ob, stride_oh, stride_om, stride_od,
+                      stride_bb, stride_bh, stride_bn,
+                      H, LQ, LK, sm_scale,
+                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, D]
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                            Bias + b * stride_bb + h * stride_bh, stride_kn, stride_kd, stride_vn, stride_vd,
+                            stride_bn, LK, sm_scale * 1.4426950408889634, offs_d, HEAD_DIM, BLOCK_N, HAS_MASK,
+                            PRECISION)
+    out = acc / l_i[:, None]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _dual_fwd_kernel(Q, KP, VP, KN, VN, Out, OutNeg, BiasP, BiasN,
+                     stride_qb, stride_qh, stride_qm, stride_qd,
+                     stride_kpb, stride_kph, stride_kpn, stride_kpd,
+                     stride_vpb, stride_vph, stride_vpn, stride_vpd,
+                     stride_knb, stride_knh, stride_knn, stride_knd,
+                     stride_vnb, stride_vnh, stride_vnn, stride_vnd,
+                     stride_ob, stride_oh, stride_om, stride_od,
+                     stride_bpb, stride_bph, stride_bpn, stride_bnb, stride_bnh, stride_bnn,
+                     H, LQ, LKP, LKN, sm_scale, alpha,
+                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_MASK_P: tl.constexpr, HAS_MASK_N: tl.constexpr, FUSE_NASA: tl.constexpr,
+                     PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # read once for both branches
+    qk_scale = sm_scale * 1.4426950408889634
+
+    acc_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_p = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_p, m_p, l_p = _attend(acc_p, m_p, l_p, q, KP + b * stride_kpb + h * stride_kph,
+                              VP + b * stride_vpb + h * stride_vph, BiasP + b * stride_bpb + h * stride_bph,
+                              stride_kpn, stride_kpd, stride_vpn, stride_vpd, stride_bpn, LKP, qk_scale, offs_d,
+                              HEAD_DIM, BLOCK_N, HAS_MASK_P, PRECISION)
+    acc_n = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_n = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_n = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc_n, m_n, l_n = _attend(acc_n, m_n, l_n, q, KN + b * stride_knb + h * stride_knh,
+                              VN + b * stride_vnb + h * stride_vnh, BiasN + b * stride_bnb + h * stride_bnh,
+                              stride_knn, stride_knd, stride_vnn, stride_vnd, stride_bnn, LKN, qk_scale, offs_d,
+                              HEAD_DIM, BLOCK_N, HAS_MASK_N, PRECISION)
+    z_pos = acc_p / l_p[:, None]
+    z_neg = acc_n / l_n[:, None]
+    io_mask = m_ok[:, None] & d_ok[None, :]
+    o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    if FUSE_NASA:  # SNOOPI eq. 9, before W_o
+        tl.store(Out + o_off, (z_pos - alpha * z_neg).to(Out.dtype.element_ty), mask=io_mask)
+    else:
+        tl.store(Out + o_off, z_pos.to(Out.dtype.element_ty), mask=io_mask)
+        tl.store(OutNeg + o_off, z_neg.to(OutNeg.dtype.element_ty), mask=io_mask)
+
+
+def default_config(head_dim: int, lk: int) -> dict:
+    """Block sizes from the H100 measurements in shared/notes/triton_attention.md §3: cross-attention (≤ 128 keys)
+    BLOCK_N 32; long sequences (128, 64) at d ≤ 64, (128, 128)→(64, 64) above to fit registers."""
+    if lk <= 128:
+        return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=2)
+
+
+def _bias(mask: torch.Tensor | None, q: torch.Tensor, lk: int):
+    """Key-padding mask → additive float32 bias [B or 1, H or 1, Lk] and its strides (broadcast dims stride 0)."""
+    if mask is None:
+        return q, (0, 0, 0), False  # a dummy pointer; never read
+    if mask.dim() == 4:
+        if mask.shape[2] != 1:
+            raise ValueError(f"Triton attention takes key-padding masks [B, H, 1, Lk]; got a {tuple(mask.shape)} "
+                             f"per-query mask (use the SDPA path).")
+        mask = mask[:, :, 0]
+    elif mask.dim() == 2:
+        mask = mask[:, None]
+    elif mask.dim() != 3:
+        raise ValueError(f"mask must be [B, Lk], [B, H, Lk] or [B, H, 1, Lk]; got {tuple(mask.shape)}.")
+    if mask.shape[-1] != lk:
+        raise ValueError(f"mask has {mask.shape[-1]} keys; the keys have {lk}.")
+    bias = torch.zeros(mask.shape, dtype=torch.float32, device=q.device).masked_fill(~mask, float("-inf")) \
+        if mask.dtype == torch.bool else mask.to(torch.float32)
+    strides = tuple(0 if bias.shape[i] == 1 else bias.stride(i) for i in range(3))
+    return bias, strides, True
+
+
+def _precision(q: torch.Tensor) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"); TF32 would cost ~1e-3 relative error, beyond the exact-fallback promise
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
+def _check(q, *kv):
+    if q.dim() != 4 or any(t.dim() != 4 for t in kv):
+        raise ValueError("Triton attention takes [B, H, L, D] tensors.")
+    if q.shape[-1] > 256:
+        raise ValueError(f"Triton attention supports head_dim ≤ 256, got {q.shape[-1]}.")
+    for t in kv:
+        if t.shape[0] != q.shape[0] or t.shape[1] != q.shape[1] or t.shape[3] != q.shape[3] or t.dtype != q.dtype:
+            raise ValueError(f"k/v {tuple(t.shape)} {t.dtype} do not match q {tuple(q.shape)} {q.dtype}.")
+
+
+def flash_attention(q, k, v, mask=None, scale=None, config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v for [B, H, Lq, D] / [B, H, Lk, D]; same dtype as q."""
+    _check(q, k, v)
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    cfg = dict(config or default_config(D, LK))
+    out = torch.empty_like(q)
+    bias, bs, has_mask = _bias(mask, q, LK)
+    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
+    _flash_fwd_kernel[grid](q, k, v, out, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bs,
+                            H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)),
+                            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask,
+                            PRECISION=_precision(q), **cfg)
+    return out
+
+
+def dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, mask_pos=None, mask_neg=None,
+                         scale=None, config: dict | None = None):
+    """Both branches with one read of Q: `Z+ − α·Z−` when `alpha` is given, else `(Z+, Z−)`."""
+    _check(q, k_pos, v_pos, k_neg, v_neg)
+    B, H, LQ, D = q.shape
+    cfg = dict(config or default_config(D, max(k_pos.shape[2], k_neg.shape[2])))
+    out = torch.empty_like(q)
+    out_neg = out if alpha is not None else torch.empty_like(q)
+    bias_p, bsp, has_p = _bias(mask_pos, q, k_pos.shape[2])
+    bias_n, bsn, has_n = _bias(mask_neg, q, k_neg.shape[2])
+    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
+    _dual_fwd_kernel[grid](q, k_pos, v_pos, k_neg, v_neg, out, out_neg, bias_p, bias_n,
+                           *q.stride(), *k_pos.stride(), *v_pos.stride(), *k_neg.stride(), *v_neg.stride(),
+                           *out.stride(), *bsp, *bsn, H, LQ, k_pos.shape[2], k_neg.shape[2],
+                           float(scale if scale is not None else 1.0 / math.sqrt(D)),
+                           float(alpha if alpha is not None else 0.0),
+                           HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK_P=has_p,
+                           HAS_MASK_N=has_n, FUSE_NASA=alpha is not None, PRECISION=_precision(q), **cfg)
+    return out if alpha is not None else (out, out_neg)
