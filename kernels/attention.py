@@ -57,7 +57,8 @@ def _unsupported(q: torch.Tensor, tensors, masks) -> str:
     return why if module is None else ""
 
 
-def _choose(kind: str, q, tensors, masks, lk: int, backend: str | None) -> str:
+def select_path(kind: str, q, tensors, masks, lk: int, backend: str | None = None) -> str:
+    """'triton' or 'sdpa' for a call of `kind` ('single' | 'dual'); logs each distinct choice once, with why."""
     backend = backend or os.environ.get(ENV, "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS} (argument or ${ENV}), got {backend!r}.")
@@ -100,7 +101,7 @@ def _sdpa_mask(mask):
 
 def attention(q, k, v, mask=None, scale=None, backend: str | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale + mask)·v, [B, H, Lq, D] → [B, H, Lq, D]."""
-    if _choose("single", q, (k, v), (mask,), k.shape[2], backend) == "triton":
+    if select_path("single", q, (k, v), (mask,), k.shape[2], backend) == "triton":
         return _triton_module()[0].flash_attention(q, k, v, mask, scale)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=_sdpa_mask(mask), scale=scale)
 
@@ -110,7 +111,7 @@ def dual_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, ma
     """NASA's two branches with one query: `Z+ − α·Z−` when `alpha` is given (the fused epilogue of SNOOPI eq. 9),
     else `(Z+, Z−)` (NAG: its norm spans all heads, so the caller combines)."""
     lk = max(k_pos.shape[2], k_neg.shape[2])
-    if _choose("dual", q, (k_pos, v_pos, k_neg, v_neg), (mask_pos, mask_neg), lk, backend) == "triton":
+    if select_path("dual", q, (k_pos, v_pos, k_neg, v_neg), (mask_pos, mask_neg), lk, backend) == "triton":
         return _triton_module()[0].dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha, mask_pos, mask_neg,
                                                         scale)
     z_pos = F.scaled_dot_product_attention(q, k_pos, v_pos, attn_mask=_sdpa_mask(mask_pos), scale=scale)

@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import nasa_nodes, one_step_nodes
+from . import attention_nodes, nasa_nodes, one_step_nodes
 
-NODE_MODULES = [one_step_nodes, nasa_nodes]
+NODE_MODULES = [one_step_nodes, nasa_nodes, attention_nodes]
 
 
 class SwiftStepExtension(ComfyExtension):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from .. import kernels
 from ..core import nag, nasa
 
 MODES = ("nasa", "nag")
@@ -49,6 +50,19 @@ class NASAAttn2Patch:
                 self._kv = {key: (self.attn2.to_k(neg), self.attn2.to_v(neg))}
         return self._kv[key]
 
+    def _fused(self, q, k, v, k_neg, v_neg, heads):
+        """The fused Triton dual kernel (Q read once, Z+ − α·Z− in its epilogue) where dispatch picks it, else None."""
+        b, _, inner = q.shape
+        d = inner // heads
+        split = lambda t, n=b: t.view(n, -1, heads, d).transpose(1, 2)  # noqa: E731
+        reps = b // k_neg.shape[0]
+        qh, kh, vh = split(q), split(k), split(v)
+        knh, vnh = (split(t.repeat_interleave(reps, 0)) for t in (k_neg, v_neg))
+        if kernels.select_path("dual", qh, (kh, vh, knh, vnh), (), max(kh.shape[2], knh.shape[2])) != "triton":
+            return None
+        z = kernels.dual_attention(qh, kh, vh, knh, vnh, alpha=self.alpha, backend="triton")
+        return z.transpose(1, 2).reshape(b, -1, inner)
+
     def __call__(self, q, k, v, extra_options):
         from comfy.ldm.modules.attention import optimized_attention
 
@@ -63,6 +77,10 @@ class NASAAttn2Patch:
         if not pos_rows:
             return z_pos
         k_neg, v_neg = self.negative_kv(q)
+        if self.mode == "nasa" and len(pos_rows) == q.shape[0] and q.shape[0] % k_neg.shape[0] == 0:
+            fused = self._fused(q, k, v, k_neg, v_neg, heads)
+            if fused is not None:
+                return fused
         idx = torch.tensor(pos_rows, device=q.device)
         q_pos = q.index_select(0, idx)
         reps = len(pos_rows) // k_neg.shape[0] if len(pos_rows) % k_neg.shape[0] == 0 else None

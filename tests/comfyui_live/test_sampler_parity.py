@@ -106,3 +106,24 @@ def test_comfyui_nasa_node_equals_pipeline_negative_prompt(comfy_inprocess, node
     assert repr(patcher.model_options) == options_before  # the input MODEL is untouched
     (off,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, 0.0, 1.0, 2.5, 0.5).args
     assert torch.equal(_sample(off, nodes, embeds, "tcd", 4, seed=3), plain)  # zero strength: bit-identical
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_triton_attention_node_keeps_the_latents(comfy_inprocess, nodes, backend, monkeypatch):
+    """auto on CPU leaves ComfyUI's attention in place (bit-identical); triton runs every attention through the
+    kernel (here Triton's CPU interpreter) and agrees to float rounding."""
+    from swiftstep.kernels import last_path
+    from swiftstep.nodes import attention_nodes
+
+    pipe = OneStepPipeline(**build_components("sd1"))
+    patcher = comfy_model(comfy_inprocess, pipe)
+    embeds, _ = pipe.encode_prompt([PROMPT])
+    plain = _sample(patcher, nodes, embeds, "lcm", 2, seed=4)
+    (patched,) = attention_nodes.SwiftStepTritonAttention.execute(patcher, backend).args
+    got = _sample(patched, nodes, embeds, "lcm", 2, seed=4)
+    assert "optimized_attention_override" not in patcher.model_options.get("transformer_options", {})
+    if backend == "auto":
+        assert torch.equal(got, plain)
+    else:
+        assert last_path()["path"] == "triton"
+        assert (got - plain).abs().max() <= 1e-4 * plain.abs().max()

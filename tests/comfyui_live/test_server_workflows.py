@@ -18,7 +18,7 @@ from .conftest import TEST_SIZE, get_json as _get
 def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
-    assert ours == ["SwiftStepNASA", "SwiftStepOneStepSampler", "SwiftStepPresetSigmas"]
+    assert ours == ["SwiftStepNASA", "SwiftStepOneStepSampler", "SwiftStepPresetSigmas", "SwiftStepTritonAttention"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
     log = (base_dir / "comfyui.log").read_text()

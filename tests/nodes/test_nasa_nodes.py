@@ -135,3 +135,20 @@ def module_as_attn2(module):
     shim.to_k = lambda t: module.kv_linear(t).view(*t.shape[:-1], 2, c)[..., 0, :]
     shim.to_v = lambda t: module.kv_linear(t).view(*t.shape[:-1], 2, c)[..., 1, :]
     return shim
+
+
+def test_fused_kernel_path_gives_the_same_attention(node, monkeypatch):
+    pytest.importorskip("triton")
+    patched = run(node, make_patcher(), torch.randn(1, 9, 24, dtype=torch.float64), nasa_scale=0.3)
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    q, k, v = (torch.randn(2, 20, 32) for _ in range(3))
+    patch.attn2.float()
+    patch._kv.clear()
+    monkeypatch.setenv("SWIFTSTEP_ATTENTION", "sdpa")
+    ref = patch(q, k, v, {"n_heads": 2})
+    monkeypatch.setenv("SWIFTSTEP_ATTENTION", "triton")  # CPU: Triton's interpreter
+    from swiftstep.kernels import last_path
+
+    got = patch(q, k, v, {"n_heads": 2})
+    assert last_path()["path"] == "triton"
+    assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
