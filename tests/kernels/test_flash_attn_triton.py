@@ -11,8 +11,10 @@ from swiftstep.kernels.attention_ref import attention_ref, dual_attention_ref  #
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3}
-# explicit configs (no autotuning): a small one that tiles the odd shapes several times, and the shipped default
-CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), None]
+# explicit configs (no autotuning): a small one that tiles the odd shapes several times, and every config
+# `default_config` can return (on a GPU this is the "every config dispatch can pick" check)
+SHIPPED = [fk.default_config(64, 77), fk.default_config(64, 4096), fk.default_config(128, 4096)]
+CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), *SHIPPED]
 
 
 @pytest.fixture(autouse=True)
@@ -41,7 +43,7 @@ def key_mask(b, lk, seed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("lq,lk,d", [(63, 77, 64), (33, 17, 40), (20, 45, 128), (5, 300, 80)])
-@pytest.mark.parametrize("config", CONFIGS, ids=["small", "default"])
+@pytest.mark.parametrize("config", CONFIGS, ids=["small", "cross", "long-d64", "long-d128"])
 def test_flash_attention_matches_reference(dtype, lq, lk, d, config):
     q, k, v = rand(2, 3, lq, d, dtype=dtype, seed=0), rand(2, 3, lk, d, dtype=dtype, seed=1), \
         rand(2, 3, lk, d, dtype=dtype, seed=2)
