@@ -1,5 +1,6 @@
 """diffusers adapters: pipelines, attention processors and checkpoint loaders over `swiftstep.core`."""
 
 from .pipeline_one_step import OneStepPipeline
+from .pipeline_sr import OneStepSRPipeline
 
-__all__ = ["OneStepPipeline"]
+__all__ = ["OneStepPipeline", "OneStepSRPipeline"]
