@@ -3,6 +3,7 @@
     swiftstep generate --model stabilityai/sd-turbo --prompt "a red fox" --out fox.png
     swiftstep generate --model sd_xl_base.safetensors --config ./sdxl-folder --preset dmd2-sdxl-4step ...
     swiftstep selftest            # builds a tiny random model offline and runs the whole generate path
+    swiftstep upscale photo.png --base ./sd21-base --weights pisa_sr.pkl --scale 4 --out upscaled/
 """
 
 from __future__ import annotations
@@ -73,6 +74,48 @@ def generate(args) -> list[Path]:
     return paths
 
 
+def upscale(args) -> list[Path]:
+    import torch
+    from PIL import Image
+
+    from .pipelines import OneStepSRPipeline
+
+    base = Path(args.base)
+    dtype = getattr(torch, args.dtype)
+    if base.suffix in (".safetensors", ".ckpt"):
+        pipe = OneStepSRPipeline.from_single_file(str(base), config=args.config, dtype=dtype)
+    elif base.is_dir() or (args.base.count("/") == 1 and not base.exists()):
+        pipe = OneStepSRPipeline.from_pretrained(args.base, dtype=dtype)
+    else:
+        raise FileNotFoundError(f"--base: no SD2.1 diffusers folder, checkpoint file or hub id at {args.base!r}.")
+    pipe = pipe.to(args.device)
+    method = pipe.load_sr_weights(args.weights)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for src in args.inputs:
+        src = Path(src)
+        if not src.is_file():
+            raise FileNotFoundError(f"No input image at {src.resolve()}.")
+        image = Image.open(src)
+        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+        result = pipe(image, upscale=args.scale, prompt=args.prompt, lambda_pix=args.lambda_pix,
+                      lambda_sem=args.lambda_sem, color_fix=args.color_fix, tile_size=args.tile,
+                      min_side=args.min_side, generator=generator).images[0]
+        params = {"input": str(src), "method": method, "weights": str(args.weights), "base": args.base,
+                  "scale": args.scale, "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem,
+                  "color_fix": args.color_fix, "seed": args.seed, "swiftstep": __version__}
+        from PIL.PngImagePlugin import PngInfo
+
+        info = PngInfo()
+        info.add_text("swiftstep", json.dumps(params))
+        path = out_dir / f"{src.stem}_x{args.scale}.png"
+        result.save(path, pnginfo=info)
+        print(f"wrote {path} ({result.size[0]}×{result.size[1]}, {method})")
+        paths.append(path)
+    return paths
+
+
 def selftest(args) -> list[Path]:
     from .tiny_models import save_folder
 
@@ -111,6 +154,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--out", default="swiftstep.png")
     g.set_defaults(func=generate)
+
+    u = sub.add_parser("upscale", help="one-step ×4 super-resolution (OSEDiff / PiSA-SR weights)")
+    u.add_argument("inputs", nargs="+", help="image files")
+    u.add_argument("--base", required=True, help="SD2.1-base: diffusers folder, hub id, or single .safetensors")
+    u.add_argument("--config", help="for a single-file base: a local diffusers folder of SD2.1-base (offline)")
+    u.add_argument("--weights", required=True, help="osediff.pkl, pisa_sr.pkl or a swiftstep .safetensors export")
+    u.add_argument("--scale", type=int, default=4)
+    u.add_argument("--prompt", default="", help="OSEDiff text prompt (e.g. DAPE tags); PiSA-SR ignores it")
+    u.add_argument("--lambda-pix", type=float, default=1.0, help="PiSA-SR pixel-fidelity strength")
+    u.add_argument("--lambda-sem", type=float, default=1.0, help="PiSA-SR semantic-detail strength")
+    u.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default="adain")
+    u.add_argument("--tile", type=int, help="latent tile size (default 96; tiles only when needed)")
+    u.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior sample")
+    u.add_argument("--min-side", type=int, default=512,
+                   help="smaller inputs are first enlarged so the output's short side reaches this (official: 512)")
+    u.add_argument("--dtype", choices=DTYPES, default="float32")
+    u.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    u.add_argument("--out", default="upscaled", help="output folder")
+    u.set_defaults(func=upscale)
 
     s = sub.add_parser("selftest", help="offline check: tiny random model through the whole generate path")
     s.add_argument("--out", default="swiftstep-selftest.png")

@@ -48,3 +48,33 @@ def test_missing_model_exits_with_a_message(tmp_path, capsys):
 def test_selftest_runs_offline(tmp_path, capsys):
     assert main(["selftest", "--out", str(tmp_path / "s.png")]) == 0
     assert "selftest OK" in capsys.readouterr().out
+
+
+def test_upscale_writes_x4_pngs_with_parameters(models, tmp_path):
+    from swiftstep.pipelines import OneStepPipeline
+
+    from .sr_fixtures import make_pisa_pkl
+
+    base = OneStepPipeline.from_pretrained(models["sd2"]["folder"]).components
+    weights = tmp_path / "pisa_sr.pkl"
+    make_pisa_pkl(base["unet"], weights)
+    src = tmp_path / "small.png"
+    Image.fromarray((np.random.default_rng(0).random((20, 22, 3)) * 255).astype(np.uint8)).save(src)
+    rc = main(["upscale", str(src), "--base", str(models["sd2"]["folder"]), "--weights", str(weights),
+               "--out", str(tmp_path / "up"), "--device", "cpu", "--lambda-sem", "0.5", "--min-side", "64"])
+    assert rc == 0
+    out = Image.open(tmp_path / "up" / "small_x4.png")
+    assert out.size == (88, 80)
+    meta = json.loads(out.text["swiftstep"])
+    assert meta["method"] == "pisa-sr" and meta["lambda_sem"] == 0.5
+
+
+def test_upscale_with_unknown_weights_exits_with_the_known_layouts(models, tmp_path, capsys):
+    import torch
+
+    bad = tmp_path / "x.pkl"
+    torch.save({"weights": {}}, bad)
+    src = tmp_path / "a.png"
+    Image.new("RGB", (8, 8)).save(src)
+    rc = main(["upscale", str(src), "--base", str(models["sd2"]["folder"]), "--weights", str(bad), "--device", "cpu"])
+    assert rc == 2 and "known layouts" in capsys.readouterr().err
