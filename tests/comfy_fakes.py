@@ -395,11 +395,66 @@ def sample_custom(patcher, sampler, sigmas, cond, latent, seed, callback=None):
 # ----------------------------------------------------------------------------- install
 
 
-def install(monkeypatch) -> types.SimpleNamespace:
+class ProgressBar:
+    """comfy.utils.ProgressBar: records what the node reports."""
+
+    last = None
+
+    def __init__(self, total):
+        self.total, self.current = total, 0
+        ProgressBar.last = self
+
+    def update_absolute(self, value, total=None, preview=None):
+        self.current = value
+
+    def update(self, value):
+        self.current += value
+
+
+class FolderPaths(types.ModuleType):
+    """folder_paths over a temporary models/ directory (ComfyUI's names: models_dir, folder_names_and_paths, …)."""
+
+    def __init__(self, root):
+        super().__init__("folder_paths")
+        import os
+
+        self.models_dir = str(root)
+        self.folder_names_and_paths = {name: ([os.path.join(self.models_dir, name)], set())
+                                       for name in ("checkpoints", "diffusers", "loras")}
+
+    def add_model_folder_path(self, name, path, is_default=False):
+        self.folder_names_and_paths.setdefault(name, ([], set()))[0].append(path)
+
+    def get_folder_paths(self, name):
+        return list(self.folder_names_and_paths[name][0])
+
+    def get_filename_list(self, name):
+        import os
+
+        out = []
+        for root in self.get_folder_paths(name):
+            for path, _, files in os.walk(root):
+                out += [os.path.relpath(os.path.join(path, f), root) for f in files]
+        return sorted(out)
+
+    def get_full_path_or_raise(self, name, filename):
+        import os
+
+        for root in self.get_folder_paths(name):
+            if os.path.isfile(os.path.join(root, filename)):
+                return os.path.join(root, filename)
+        raise FileNotFoundError(f"Model in folder '{name}' with filename '{filename}' not found.")
+
+
+def install(monkeypatch, models_root=None) -> types.SimpleNamespace:
+    import tempfile
+
+    models_root = models_root or tempfile.mkdtemp(prefix="comfy-models-")
     io = types.ModuleType("comfy_api.latest.io")
     for name, io_type in SOCKET_TYPES.items():
         setattr(io, name, _socket(io_type))
     io.Schema, io.NodeOutput, io.ComfyNode = Schema, NodeOutput, ComfyNode
+    io.Custom = _socket
     latest = types.ModuleType("comfy_api.latest")
     latest.io, latest.ComfyExtension = io, ComfyExtension
     comfy_api = types.ModuleType("comfy_api")
@@ -418,12 +473,18 @@ def install(monkeypatch) -> types.SimpleNamespace:
     ldm.modules, ldm_modules.attention = ldm_modules, attention
     mm = types.ModuleType("comfy.model_management")
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
+    mm.get_torch_device = lambda: torch.device("cpu")
+    mm.intermediate_device = lambda: torch.device("cpu")
+    utils = types.ModuleType("comfy.utils")
+    utils.ProgressBar = ProgressBar
+    comfy.utils = utils
     mm.InterruptProcessingException = InterruptProcessingException
     comfy.samplers, comfy.model_sampling, comfy.model_management, comfy.ldm = samplers, ms, mm, ldm
 
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
                          "comfy.samplers": samplers, "comfy.model_sampling": ms, "comfy.model_management": mm,
-                         "comfy.ldm": ldm, "comfy.ldm.modules": ldm_modules,
+                         "comfy.ldm": ldm, "comfy.ldm.modules": ldm_modules, "comfy.utils": utils,
+                         "folder_paths": FolderPaths(models_root),
                          "comfy.ldm.modules.attention": attention}.items():
         monkeypatch.setitem(sys.modules, name, module)
     for name in [m for m in sys.modules if m.startswith("swiftstep.nodes")]:

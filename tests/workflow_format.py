@@ -61,7 +61,8 @@ def assign_widgets(node: dict, spec: dict) -> dict:
         if pos >= len(values):
             raise ValueError(f"node {node['id']} ({node['type']}): no value for widget `{name}`")
         out[name] = values[pos]
-        pos += 2 if opts.get("control_after_generate") else 1
+        # the frontend adds one widget after a seed ("fixed/randomize…") and after an image picker ("upload")
+        pos += 2 if opts.get("control_after_generate") or opts.get("image_upload") else 1
     if pos != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {pos}")
     return out

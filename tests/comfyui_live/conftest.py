@@ -103,7 +103,27 @@ def base_dir(tmp_path_factory):
             _build_lora(cached) if rel in LORAS else _build_checkpoint(family, cached)
         (base / "models" / Path(rel).parent).mkdir(parents=True, exist_ok=True)
         (base / "models" / rel).symlink_to(cached)
+    _sr_models(base)
     return base
+
+
+def _sr_models(base: Path) -> None:
+    """For the SR workflow: a tiny SD2 diffusers folder, random PiSA-SR weights in the official layout, an input."""
+    import numpy as np
+    from PIL import Image
+
+    from swiftstep.pipelines import OneStepPipeline
+    from swiftstep.tiny_models import build_components
+
+    from ..sr_fixtures import make_pisa_pkl
+
+    components = build_components("sd2")
+    OneStepPipeline(**components).save_pretrained(base / "models" / "diffusers" / "stable-diffusion-2-1-base")
+    (base / "models" / "swiftstep").mkdir(parents=True, exist_ok=True)
+    make_pisa_pkl(components["unet"], base / "models" / "swiftstep" / "pisa_sr.pkl")
+    (base / "input").mkdir(exist_ok=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(base / "input" / "example.png")
 
 
 def _free_port() -> int:

@@ -18,7 +18,8 @@ from .conftest import TEST_SIZE, get_json as _get
 def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
-    assert ours == ["SwiftStepNASA", "SwiftStepOneStepSampler", "SwiftStepPresetSigmas", "SwiftStepTritonAttention"]
+    assert ours == ["SwiftStepNASA", "SwiftStepOneStepSampler", "SwiftStepPresetSigmas", "SwiftStepSRLoader",
+                    "SwiftStepTritonAttention", "SwiftStepUpscale"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
     log = (base_dir / "comfyui.log").read_text()
@@ -38,6 +39,8 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
+        if node["class_type"] == "SwiftStepUpscale":
+            node["inputs"].update(min_side=TEST_SIZE)  # tiny random SD2: keep the CPU run short
     body = json.dumps({"prompt": prompt, "client_id": "swiftstep-live-test"}).encode()
     request = urllib.request.Request(server + "/prompt", data=body, headers={"Content-Type": "application/json"})
     try:
@@ -65,7 +68,7 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
 
 def test_bad_steps_is_a_validation_error_naming_node_input_and_allowed_values(server):
     specs = _get(server + "/object_info")
-    workflow = json.loads(WORKFLOWS[0].read_text())
+    workflow = json.loads(next(w for w in WORKFLOWS if w.stem == "sd_turbo_one_step").read_text())
     prompt = to_api(workflow, specs)
     sigmas_node = next(k for k, n in prompt.items() if n["class_type"] == "SwiftStepPresetSigmas")
     prompt[sigmas_node]["inputs"]["steps"] = 7  # sd-turbo has 1–4 steps

@@ -1,0 +1,164 @@
+"""One-step LoRA super-resolution in ComfyUI: SwiftStepSRLoader → SwiftStepUpscale (IMAGE → IMAGE).
+
+ComfyUI has no model type for OSEDiff/PiSA-SR, so these nodes hold a `pipelines.OneStepSRPipeline`. The base model
+is an SD2.1-base diffusers folder in `models/diffusers/` (or a single-file checkpoint in `models/checkpoints/`,
+whose configs diffusers fetches once from the hub); SR weights live in `models/swiftstep/`.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from comfy_api.latest import io
+
+SR_MODEL = io.Custom("SWIFTSTEP_SR_MODEL")
+COLOR_FIXES = ("adain", "wavelet", "none")
+
+
+def _register_folder():
+    import folder_paths
+
+    if "swiftstep" not in folder_paths.folder_names_and_paths:
+        folder_paths.add_model_folder_path("swiftstep", os.path.join(folder_paths.models_dir, "swiftstep"))
+
+
+def diffusers_folders() -> list[str]:
+    """Names (relative to models/diffusers) of folders holding a model_index.json."""
+    import folder_paths
+
+    found = []
+    for root in folder_paths.get_folder_paths("diffusers"):
+        if not os.path.isdir(root):
+            continue
+        for path, _, files in os.walk(root, followlinks=True):
+            if "model_index.json" in files:
+                found.append(os.path.relpath(path, root))
+    return sorted(found)
+
+
+def base_choices() -> list[str]:
+    import folder_paths
+
+    ckpts = [f for f in folder_paths.get_filename_list("checkpoints") if f.endswith((".safetensors", ".ckpt"))]
+    return [f"diffusers/{d}" for d in diffusers_folders()] + [f"checkpoints/{c}" for c in ckpts]
+
+
+def load_sr_model(base: str, weights: str, dtype: str):
+    import comfy.model_management
+    import folder_paths
+
+    from ..pipelines.pipeline_sr import OneStepSRPipeline
+
+    kind, _, name = base.partition("/")
+    torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
+    if kind == "diffusers":
+        path = next((os.path.join(r, name) for r in folder_paths.get_folder_paths("diffusers")
+                     if os.path.isfile(os.path.join(r, name, "model_index.json"))), None)
+        if path is None:
+            raise FileNotFoundError(f"SwiftStepSRLoader: input `base`: no diffusers folder {name!r} under "
+                                    f"models/diffusers.")
+        pipe = OneStepSRPipeline.from_pretrained(path, dtype=torch_dtype)
+    elif kind == "checkpoints":
+        pipe = OneStepSRPipeline.from_single_file(folder_paths.get_full_path_or_raise("checkpoints", name),
+                                                  dtype=torch_dtype)
+    else:
+        raise ValueError(f"SwiftStepSRLoader: input `base` must start with diffusers/ or checkpoints/, got {base!r}.")
+    weights_path = folder_paths.get_full_path_or_raise("swiftstep", weights)
+    pipe.load_sr_weights(weights_path)
+    pipe.set_progress_bar_config(disable=True)
+    device = comfy.model_management.get_torch_device()
+    if torch_dtype is None and device.type == "cuda":
+        pipe.to(torch.float16)
+    return pipe.to(device)
+
+
+_register_folder()  # models/swiftstep, as soon as ComfyUI imports the pack
+
+
+class SwiftStepSRLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        bases = base_choices() or ["diffusers/stable-diffusion-2-1-base"]
+        weights = folder_paths.get_filename_list("swiftstep") or ["pisa_sr.pkl"]
+        return io.Schema(
+            node_id="SwiftStepSRLoader",
+            display_name="SwiftStep SR Loader (OSEDiff / PiSA-SR)",
+            category="swiftstep/upscale",
+            description="Loads an SD2.1-base model with OSEDiff or PiSA-SR one-step super-resolution weights.",
+            inputs=[
+                io.Combo.Input("base", options=bases, default=bases[0],
+                               tooltip="SD2.1-base: a diffusers folder in models/diffusers (offline), or a single "
+                                       "checkpoint in models/checkpoints (configs fetched from the hub once)."),
+                io.Combo.Input("weights", options=weights, default=weights[0],
+                               tooltip="osediff.pkl, pisa_sr.pkl (the official files) or a swiftstep .safetensors "
+                                       "export, in models/swiftstep."),
+                io.Combo.Input("dtype", options=["auto", "float32", "float16", "bfloat16"], default="auto",
+                               tooltip="auto: float16 on CUDA, float32 on the CPU."),
+            ],
+            outputs=[SR_MODEL.Output(display_name="SR_MODEL", tooltip="For SwiftStep Upscale.")],
+        )
+
+    @classmethod
+    def execute(cls, base, weights, dtype) -> io.NodeOutput:
+        return io.NodeOutput(load_sr_model(base, weights, dtype))
+
+
+class SwiftStepUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SwiftStepUpscale",
+            display_name="SwiftStep Upscale (one-step SR)",
+            category="swiftstep/upscale",
+            description="One-step diffusion super-resolution; PiSA-SR weights expose pixel vs semantic strength.",
+            inputs=[
+                SR_MODEL.Input("sr_model", tooltip="From SwiftStep SR Loader."),
+                io.Image.Input("image", tooltip="The low-resolution image(s)."),
+                io.Int.Input("upscale", default=4, min=1, max=8, tooltip="Scale factor (the weights are trained ×4)."),
+                io.Float.Input("lambda_pix", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="PiSA-SR pixel fidelity: higher denoises more but smooths."),
+                io.Float.Input("lambda_sem", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="PiSA-SR semantic detail: higher adds detail but may hallucinate. "
+                                       "OSEDiff weights need both at 1."),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="Match colours to the input: adain (official default), wavelet, or none."),
+                io.Int.Input("tile_size", default=96, min=16, max=512, step=8,
+                             tooltip="Latent tile size (×8 px); tiles are used only when the image needs them."),
+                io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8,
+                             tooltip="Latent overlap between tiles, blended with Gaussian weights."),
+                io.Int.Input("min_side", default=512, min=64, max=4096, step=8,
+                             tooltip="Smaller inputs are enlarged first so the output's short side reaches this "
+                                     "(official: 512)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the VAE posterior sample, the only randomness."),
+            ],
+            outputs=[io.Image.Output(tooltip="The upscaled image(s).")],
+        )
+
+    @classmethod
+    def execute(cls, sr_model, image, upscale, lambda_pix, lambda_sem, color_fix, tile_size, tile_overlap,
+                min_side, seed) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        if tile_overlap >= tile_size:
+            raise ValueError(f"SwiftStepUpscale: input `tile_overlap` ({tile_overlap}) must be smaller than "
+                             f"`tile_size` ({tile_size}).")
+        frames = image.permute(0, 3, 1, 2).float().cpu()  # IMAGE [B, H, W, C] → [B, C, H, W]
+        progress = comfy.utils.ProgressBar(frames.shape[0])
+        generator = torch.Generator("cpu").manual_seed(seed)
+        outs = []
+        for i, frame in enumerate(frames):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            out = sr_model(frame, upscale=upscale, lambda_pix=lambda_pix, lambda_sem=lambda_sem, color_fix=color_fix,
+                           tile_size=tile_size, tile_overlap=tile_overlap, min_side=min_side, generator=generator,
+                           output_type="pt").images
+            outs.append(out.permute(0, 2, 3, 1))
+            progress.update_absolute(i + 1)
+        return io.NodeOutput(torch.cat(outs).to(comfy.model_management.intermediate_device()))
+
+
+NODES = [SwiftStepSRLoader, SwiftStepUpscale]
