@@ -309,6 +309,17 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
                 self._prompt_cache = {key: self.text_encoder(ids)[0]}
         return self._prompt_cache[key]
 
+    def _auto_tile(self) -> int:
+        """Latent tile edge from free GPU memory: the largest square whose UNet pass fits in 60 % of what is free
+        (H100, fp16: ≈ 59 KB per latent pixel, from 3.6 GiB peak at 256² in shared/notes/lora_sr.md §8), never below
+        the official 96. On the CPU: 96, the official default."""
+        device = self._execution_device
+        if device.type != "cuda":
+            return 96
+        free, _ = torch.cuda.mem_get_info(device)
+        per_pixel = 59e3 * (2 if self.unet.dtype == torch.float32 else 1)
+        return max(96, int((0.6 * free / per_pixel) ** 0.5) // 8 * 8)
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, image, upscale: int = 4, prompt: str = "", lambda_pix: float = 1.0, lambda_sem: float = 1.0,
@@ -322,8 +333,8 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             prompt: text for OSEDiff (the official code prepends DAPE tags; pass them here); PiSA-SR uses "".
             lambda_pix, lambda_sem: PiSA-SR's pixel-fidelity and semantic-detail strengths (1, 1 = default pass).
             color_fix: "adain" (official default), "wavelet" or "none", against the upscaled input.
-            tile_size, tile_overlap: latent tiling (official 96 / 32); default: 96 latent pixels, untiled when the
-                latent area fits in one tile.
+            tile_size, tile_overlap: latent tiling (official 96 / 32). Default tile: from free GPU memory (at least
+                96), 96 on the CPU; untiled when the latent area fits in one tile.
             min_side: the official `process_size`: outputs are at least this large on the short side.
             generator: seeds the VAE posterior sample (the official code draws it unseeded).
         Returns: `.images` at upscale × input size (PIL list, np [B,H,W,3] or pt [B,3,H,W] in [0, 1]); images
@@ -340,7 +351,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
         if self.sr_method != "pisa-sr" and (lambda_pix, lambda_sem) != (1.0, 1.0):
             raise ValueError("`lambda_pix`/`lambda_sem` need PiSA-SR weights; OSEDiff has a single LoRA.")
-        tile = 96 if tile_size is None else tile_size
+        tile = self._auto_tile() if tile_size is None else tile_size
         if tile_overlap >= tile:
             raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile}).")
         images = self.to_images(image)
