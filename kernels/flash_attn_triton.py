@@ -53,6 +53,22 @@ def _attend(acc, m_i, l_i, q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, s
 
 
 @triton.jit
+def _q_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+            BLOCK_M: tl.constexpr):
+    """This program's (batch, head) and query tile [BM, D] (ragged rows and padded head dims masked to 0)."""
+    pid_bh = tl.program_id(1)
+    b = pid_bh // H
+    h = pid_bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_ok = offs_m < LQ
+    d_ok = offs_d < HEAD_DIM
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    return b, h, q, offs_m, offs_d, m_ok, d_ok
+
+
+@triton.jit
 def _flash_fwd_kernel(Q, K, V, Out, Bias,
                       stride_qb, stride_qh, stride_qm, stride_qd,
                       stride_kb, stride_kh, stride_kn, stride_kd,
@@ -62,16 +78,8 @@ def _flash_fwd_kernel(Q, K, V, Out, Bias,
                       H, LQ, LK, sm_scale,
                       HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < LQ
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # [BM, D]
+    b, h, q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM,
+                                                  BLOCK_D, BLOCK_M)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -97,16 +105,8 @@ def _dual_fwd_kernel(Q, KP, VP, KN, VN, Out, OutNeg, BiasP, BiasN,
                      HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_MASK_P: tl.constexpr, HAS_MASK_N: tl.constexpr, FUSE_NASA: tl.constexpr,
                      PRECISION: tl.constexpr):
-    pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = pid_bh // H
-    h = pid_bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    m_ok = offs_m < LQ
-    d_ok = offs_d < HEAD_DIM
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # read once for both branches
+    b, h, q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM,
+                                                  BLOCK_D, BLOCK_M)  # Q read once for both branches
     qk_scale = sm_scale * 1.4426950408889634
 
     acc_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
