@@ -138,6 +138,10 @@ class StepRule:
         if self.boundary not in ("none", "lcm"):
             raise ValueError(f"`boundary` must be 'none' or 'lcm', got {self.boundary!r}.")
 
+    def with_gamma(self, gamma: float) -> "StepRule":
+        """CTM/TCD γ-sampling in place of this rule; a TCD rule keeps its ending, others end as TCD does (t = 0)."""
+        return StepRule("tcd", gamma=gamma, final=self.final if self.rule == "tcd" else "t0", boundary=self.boundary)
+
 
 class FewStepSampler:
     """Runs a fixed list of timesteps with one :class:`StepRule`.

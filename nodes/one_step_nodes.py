@@ -79,8 +79,7 @@ def sample_swiftstep(model, x, sigmas, extra_args=None, callback=None, disable=N
         raise ValueError(f"SwiftStepOneStepSampler: input `sigmas` must lie in the model's range "
                          f"[{lo:.4g}, {hi:.4g}] (plus a final 0), got {[round(float(s), 4) for s in sigmas]}.")
     timesteps = [int(model_sampling.timestep(s.reshape(1)).item()) for s in sig]
-    rule = p.rule if gamma is None else onestep.StepRule(
-        "tcd", gamma=gamma, final=p.rule.final if p.rule.rule == "tcd" else "t0", boundary=p.rule.boundary)
+    rule = p.rule if gamma is None else p.rule.with_gamma(gamma)
     sampler = onestep.FewStepSampler(schedule, timesteps, "sample", rule, p.timestep_shift, p.init_noise)
 
     generator = torch.Generator("cpu").manual_seed(extra_args.get("seed", 0))

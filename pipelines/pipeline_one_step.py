@@ -269,11 +269,10 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             prediction_type = self.scheduler.config.get("prediction_type", "epsilon")
             rule, shift, init_noise = onestep.StepRule("consistency"), 1.0, "unit"
         if gamma is not None:  # CTM/TCD gamma sampling instead of the preset's rule
-            rule = onestep.StepRule("tcd", gamma=gamma, final=rule.final if rule.rule == "tcd" else "t0",
-                                    boundary=rule.boundary)
+            rule = rule.with_gamma(gamma)
         return onestep.FewStepSampler(self.noise_schedule(preset), timesteps, prediction_type, rule, shift, init_noise)
 
-    def _negative_embeds(self, negative_prompt, negative_prompt_embeds, prompt, num_images_per_prompt, batch, device):
+    def _negative_embeds(self, negative_prompt, negative_prompt_embeds, num_images_per_prompt, batch, device):
         """[B, L, C] negative text context for NASA/NAG (SDXL: both encoders' hidden states), or None."""
         if negative_prompt is None and negative_prompt_embeds is None:
             return None
@@ -390,8 +389,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             timestep_cond = timestep_cond.to(device=device, dtype=dtype)
 
         # 3b. Negative prompt → NASA/NAG on the text cross-attentions (no CFG pass)
-        negative = self._negative_embeds(negative_prompt, negative_prompt_embeds, prompt, num_images_per_prompt,
-                                         batch, device)
+        negative = self._negative_embeds(negative_prompt, negative_prompt_embeds, num_images_per_prompt, batch, device)
         settings = None
         if negative is not None:
             settings = self._guidance_settings(guidance, preset_obj, nasa_scale, nag_scale, nag_tau, nag_alpha)
