@@ -309,6 +309,38 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
                 self._prompt_cache = {key: self.text_encoder(ids)[0]}
         return self._prompt_cache[key]
 
+    def _auto_vae_tile(self, size) -> int | None:
+        if self._execution_device.type == "cuda" and size[0] * size[1] > 2048 * 2048:
+            return 128
+        return None
+
+    def _vae_norms(self, part):
+        return [m for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
+
+    def _encode(self, x, vae_tile):
+        """The VAE posterior of x; tiled (pixel tiles f × vae_tile, halo 8f px: 64 for SD) with image-wide GroupNorm.
+        The halo trades exactness at tile borders for compute: the SD encoder's full reach is ≈ 100 px."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        if vae_tile is None:
+            return self.vae.encode(x).latent_dist
+        f = self.vae_scale
+        moments = tiling.tiled_norm_synced(lambda t: self.vae.encode(t).latent_dist.parameters,
+                                           self._vae_norms(self.vae.encoder), x, tile=f * vae_tile, halo=8 * f,
+                                           scale=1 / f, align=f)
+        return DiagonalGaussianDistribution(moments)
+
+    def _decode(self, z, vae_tile):
+        """VAE decode; tiled (latent tiles vae_tile, halo 16 ≈ the SD decoder's reach) with image-wide GroupNorm."""
+        if vae_tile is None:
+            return self.vae.decode(z).sample
+        return tiling.tiled_norm_synced(lambda t: self.vae.decode(t).sample, self._vae_norms(self.vae.decoder), z,
+                                        tile=vae_tile, halo=16, scale=self.vae_scale)
+
+    @property
+    def vae_scale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
     def _auto_tile(self) -> int:
         """Latent tile edge from free GPU memory: the largest square whose UNet pass fits in 60 % of what is free
         (H100, fp16: ≈ 59 KB per latent pixel, from 3.6 GiB peak at 256² in shared/notes/lora_sr.md §8), never below
@@ -324,8 +356,8 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
     @torch.no_grad()
     def __call__(self, image, upscale: int = 4, prompt: str = "", lambda_pix: float = 1.0, lambda_sem: float = 1.0,
                  color_fix: str = "adain", tile_size: int | None = None, tile_overlap: int = 32,
-                 min_side: int = 512, generator: torch.Generator | None = None, output_type: str = "pil",
-                 return_dict: bool = True):
+                 min_side: int = 512, vae_tile: int | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil", return_dict: bool = True):
         r"""Super-resolve `image` (PIL, list of PIL, numpy or torch; see `to_images`).
 
         Args:
@@ -336,6 +368,9 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             tile_size, tile_overlap: latent tiling (official 96 / 32). Default tile: from free GPU memory (at least
                 96), 96 on the CPU; untiled when the latent area fits in one tile.
             min_side: the official `process_size`: outputs are at least this large on the short side.
+            vae_tile: tile the VAE (edge in latent pixels; encoder tiles are 8× in pixels) with GroupNorm
+                statistics over the whole image, for images whose VAE pass does not fit in memory. Default: on
+                CUDA when the output exceeds 2048² pixels (tile 128), otherwise untiled.
             generator: seeds the VAE posterior sample (the official code draws it unseeded).
         Returns: `.images` at upscale × input size (PIL list, np [B,H,W,3] or pt [B,3,H,W] in [0, 1]); images
             of different sizes come back as lists.
@@ -380,7 +415,8 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
                 w0, h0 = im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1])
                 # 2. Pre-process and encode (the posterior sample is the only randomness)
                 x = self.preprocess(im, upscale, min_side).to(device, self.vae.dtype)
-                z = self.vae.encode(x).latent_dist.sample(generator) * sf
+                vt = vae_tile if vae_tile is not None else self._auto_vae_tile(x.shape[-2:])
+                z = self._encode(x, vt).sample(generator) * sf
                 # 3. One UNet step (tiled over the latent when it is larger than a tile)
                 z = z.to(dtype)
                 h, w = z.shape[-2:]
@@ -394,7 +430,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
                 else:
                     x0 = lora_sr.pisa_x0(eps.float(), z.float())
                 # 4. Decode, colour fix against the upscaled input, back to exactly upscale × the input size
-                out = self.vae.decode((x0 / sf).to(self.vae.dtype)).sample.clamp(-1, 1).float()
+                out = self._decode((x0 / sf).to(self.vae.dtype), vt).clamp(-1, 1).float()
                 out = lora_sr.color_fix((out + 1) / 2, (x.float() + 1) / 2, color_fix).clamp(0, 1)[0].cpu()
                 outputs.append(self._resize(out, (h0 * upscale, w0 * upscale), Image.BICUBIC).clamp(0, 1))
                 progress.update()
