@@ -172,3 +172,12 @@ def test_tiled_vae_is_exact_without_attention(models):
                                 align=2)
         torch.testing.assert_close(enc, pipe.vae.encoder(x), rtol=1e-4, atol=1e-5)
         assert (pipe._encode(x, 12).mean - pipe._encode(x, None).mean).abs().max() < 0.02
+
+
+def test_strip_with_the_latent_shape_of_a_512_by_2560_output(pipe, pkls):
+    """The official PiSA-SR loop crashes on strips whose short latent side is below a tile: SD's 512×2560 output
+    is a 64×320 latent. The tiny VAE downsamples by 2, so a 128×640 output has that latent here."""
+    pipe.load_sr_weights(pkls["pisa-sr"][0])
+    out = pipe(lq_image(32, 160, seed=7), min_side=64, generator=gen(0), output_type="pt", tile_size=96,
+               tile_overlap=32).images
+    assert out.shape == (1, 3, 128, 640) and torch.isfinite(out).all()
