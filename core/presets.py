@@ -7,7 +7,7 @@ that recipe and compare latents.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 

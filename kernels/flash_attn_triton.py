@@ -25,9 +25,13 @@ LOG2E = 1.4426950408889634  # 1/ln 2: the kernels use exp2
 
 
 @triton.jit
-def _attend(acc, m_i, l_i, q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale,
-            offs_d, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """Online softmax over all K/V tiles of one sequence; returns the updated (acc, m_i, l_i)."""
+def _attend(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale, offs_d,
+            HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+            HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """softmax(q·Kᵀ)·V for one query tile [BM, D], by an online softmax over all K/V tiles (fp32 accumulation)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     offs_n = tl.arange(0, BLOCK_N)
     d_ok = offs_d < HEAD_DIM
     for start_n in range(0, LK, BLOCK_N):
@@ -49,7 +53,7 @@ def _attend(acc, m_i, l_i, q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, s
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
         l_i = l_i * alpha + tl.sum(p, 1)
         m_i = m_ij
-    return acc, m_i, l_i
+    return acc / l_i[:, None]
 
 
 @triton.jit
@@ -80,14 +84,9 @@ def _flash_fwd_kernel(Q, K, V, Out, Bias,
                       HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
     b, h, q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM,
                                                   BLOCK_D, BLOCK_M)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
-                            Bias + b * stride_bb + h * stride_bh, stride_kn, stride_kd, stride_vn, stride_vd,
-                            stride_bn, LK, sm_scale * 1.4426950408889634, offs_d, HEAD_DIM, BLOCK_N, HAS_MASK,
-                            PRECISION)
-    out = acc / l_i[:, None]
+    out = _attend(q, K + b * stride_kb + h * stride_kh, V + b * stride_vb + h * stride_vh,
+                  Bias + b * stride_bb + h * stride_bh, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK,
+                  sm_scale * 1.4426950408889634, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, HAS_MASK, PRECISION)
     tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
              out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
@@ -109,22 +108,12 @@ def _dual_fwd_kernel(Q, KP, VP, KN, VN, Out, OutNeg, BiasP, BiasN,
                                                   BLOCK_D, BLOCK_M)  # Q read once for both branches
     qk_scale = sm_scale * 1.4426950408889634
 
-    acc_p = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_p = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_p = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_p, m_p, l_p = _attend(acc_p, m_p, l_p, q, KP + b * stride_kpb + h * stride_kph,
-                              VP + b * stride_vpb + h * stride_vph, BiasP + b * stride_bpb + h * stride_bph,
-                              stride_kpn, stride_kpd, stride_vpn, stride_vpd, stride_bpn, LKP, qk_scale, offs_d,
-                              HEAD_DIM, BLOCK_N, HAS_MASK_P, PRECISION)
-    acc_n = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_n = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_n = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc_n, m_n, l_n = _attend(acc_n, m_n, l_n, q, KN + b * stride_knb + h * stride_knh,
-                              VN + b * stride_vnb + h * stride_vnh, BiasN + b * stride_bnb + h * stride_bnh,
-                              stride_knn, stride_knd, stride_vnn, stride_vnd, stride_bnn, LKN, qk_scale, offs_d,
-                              HEAD_DIM, BLOCK_N, HAS_MASK_N, PRECISION)
-    z_pos = acc_p / l_p[:, None]
-    z_neg = acc_n / l_n[:, None]
+    z_pos = _attend(q, KP + b * stride_kpb + h * stride_kph, VP + b * stride_vpb + h * stride_vph,
+                    BiasP + b * stride_bpb + h * stride_bph, stride_kpn, stride_kpd, stride_vpn, stride_vpd,
+                    stride_bpn, LKP, qk_scale, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, HAS_MASK_P, PRECISION)
+    z_neg = _attend(q, KN + b * stride_knb + h * stride_knh, VN + b * stride_vnb + h * stride_vnh,
+                    BiasN + b * stride_bnb + h * stride_bnh, stride_knn, stride_knd, stride_vnn, stride_vnd,
+                    stride_bnn, LKN, qk_scale, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, HAS_MASK_N, PRECISION)
     io_mask = m_ok[:, None] & d_ok[None, :]
     o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
     if FUSE_NASA:  # SNOOPI eq. 9, before W_o
