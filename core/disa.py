@@ -135,3 +135,70 @@ def cfg_scale(cfg: float, schedule: str, mask_len: int, seq_len: int) -> float:
     if schedule == "constant":
         return cfg
     raise ValueError(f"`cfg_schedule` must be 'linear' or 'constant', got {schedule!r}.")
+
+
+def head_sample(net, z: torch.Tensor, diffusion: HeadDiffusion, temperature: float, cfg: float,
+                randn) -> torch.Tensor:
+    """MAR `DiffLoss.sample`: denoise one latent per condition row of `z` through `diffusion`'s steps.
+
+    With CFG (`cfg != 1`) the rows are [cond; uncond]: one noise per pair, ε guided, each half keeping its own
+    variance. `randn(shape)` supplies every Gaussian draw, in the official order: the start noise, then one draw
+    per step (the last step draws too, and ignores it)."""
+    channels = net.in_channels
+    if cfg != 1.0:
+        half = randn((z.shape[0] // 2, channels))
+        x = torch.cat([half, half])
+        fn = lambda x_, t_: net.forward_with_cfg(x_, t_, z, cfg)  # noqa: E731
+    else:
+        x = randn((z.shape[0], channels))
+        fn = lambda x_, t_: net(x_, t_, z)  # noqa: E731
+    for i in reversed(range(len(diffusion))):
+        t = torch.full((x.shape[0],), diffusion.timestep_map[i], device=x.device, dtype=torch.long)
+        out = fn(x, t)
+        x = diffusion.p_sample(out, x, i, randn(tuple(x.shape)), temperature)
+    return x
+
+
+def sample_tokens(model, bsz: int, labels: torch.Tensor | None, num_iter: int, cfg: float, cfg_schedule: str,
+                  temperature: float, steps: list[int], clip: int | None, randn, orders: torch.Tensor,
+                  on_iteration=None) -> torch.Tensor:
+    """MAR `sample_tokens` (random order, cosine mask schedule, Muse-style CFG schedule) with DiSA's T per iteration.
+
+    `model` has `seq_len`, `token_embed_dim`, `class_emb`, `fake_latent`, `encode(tokens, mask, class_embedding)`,
+    `decode(x, mask)` and `diffloss.net` (see models/mar.py). `orders` [bsz, seq_len] is each image's generation
+    order; `randn(shape)` supplies the head's Gaussian draws. Returns tokens [bsz, seq_len, C]."""
+    if len(steps) != num_iter:
+        raise ValueError(f"`steps` has {len(steps)} entries for {num_iter} iterations.")
+    device = orders.device
+    seq_len = model.seq_len
+    mask = torch.ones(bsz, seq_len, device=device)
+    tokens = torch.zeros(bsz, seq_len, model.token_embed_dim, device=device)
+    diffusions: dict = {}
+    for step in range(num_iter):
+        cur = tokens.clone()
+        class_embedding = model.class_emb(labels) if labels is not None else model.fake_latent.repeat(bsz, 1)
+        if cfg != 1.0:
+            tokens = torch.cat([tokens, tokens])
+            class_embedding = torch.cat([class_embedding, model.fake_latent.repeat(bsz, 1)])
+            mask = torch.cat([mask, mask])
+        z = model.decode(model.encode(tokens, mask, class_embedding), mask)
+        mask_len = math.floor(seq_len * math.cos(math.pi / 2 * (step + 1) / num_iter))
+        mask_len = int(max(1, min(int(mask[0].sum().item()) - 1, mask_len)))
+        mask_next = torch.zeros(bsz, seq_len, device=device).scatter(-1, orders[:, :mask_len], 1.0).bool()
+        to_pred = mask[:bsz].bool() if step >= num_iter - 1 else mask[:bsz].bool() ^ mask_next
+        mask = mask_next.float()
+        if cfg != 1.0:
+            to_pred = torch.cat([to_pred, to_pred])
+        rows = z[to_pred]
+        if steps[step] not in diffusions:
+            diffusions[steps[step]] = HeadDiffusion(steps[step], clip)
+        sampled = head_sample(model.diffloss.net, rows, diffusions[steps[step]], temperature,
+                              cfg_scale(cfg, cfg_schedule, mask_len, seq_len), randn)
+        if cfg != 1.0:
+            sampled, _ = sampled.chunk(2)
+            to_pred, _ = to_pred.chunk(2)
+        cur[to_pred] = sampled.to(cur.dtype)
+        tokens = cur.clone()
+        if on_iteration is not None:
+            on_iteration(step, num_iter)
+    return tokens

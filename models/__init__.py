@@ -1,0 +1,1 @@
+"""Network code no library ships (MAR), with parameter names that load the official checkpoints."""
