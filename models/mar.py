@@ -10,6 +10,8 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
 SIZES = {  # encoder = decoder depth, width, heads; diffusion head depth × width (README / models/mar.py)
@@ -142,9 +144,11 @@ class DiffLoss(nn.Module):
         self.net = SimpleMLPAdaLN(target_channels, width, target_channels * 2, z_channels, depth)
 
 
-class MAR(nn.Module):
-    """MAR's masked autoregressive encoder–decoder over `seq_len` latent tokens, plus its diffusion head."""
+class MAR(ModelMixin, ConfigMixin):
+    """MAR's masked autoregressive encoder–decoder over `seq_len` latent tokens, plus its diffusion head
+    (a diffusers ModelMixin so that `save_pretrained` / `from_pretrained` folders work)."""
 
+    @register_to_config
     def __init__(self, img_size=256, vae_stride=16, patch_size=1, encoder_embed_dim=1024, encoder_depth=16,
                  encoder_num_heads=16, decoder_embed_dim=1024, decoder_depth=16, decoder_num_heads=16, mlp_ratio=4.0,
                  vae_embed_dim=16, class_num=1000, buffer_size=64, diffloss_d=3, diffloss_w=1024):

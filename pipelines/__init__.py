@@ -1,6 +1,7 @@
 """diffusers adapters: pipelines, attention processors and checkpoint loaders over `swiftstep.core`."""
 
+from .pipeline_mar import MARPipeline
 from .pipeline_one_step import OneStepPipeline
 from .pipeline_sr import OneStepSRPipeline
 
-__all__ = ["OneStepPipeline", "OneStepSRPipeline"]
+__all__ = ["MARPipeline", "OneStepPipeline", "OneStepSRPipeline"]

@@ -62,7 +62,7 @@ def unet_to_ldm(state: dict, layers_per_block: int) -> dict:
     return out
 
 
-def vae_to_ldm(state: dict, num_blocks: int) -> dict:
+def vae_to_ldm(state: dict, num_blocks: int, prefix: str = "first_stage_model.") -> dict:
     out = {}
     attn = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
     for key, value in state.items():
@@ -78,9 +78,15 @@ def vae_to_ldm(state: dict, num_blocks: int) -> dict:
             head, rest = new.split("mid_block.attentions.0.")
             name, _, param = rest.rpartition(".")
             new = f"{head}mid.attn_1.{attn[name]}.{param}"
-            if value.ndim == 2:  # LDM keeps the attention projections as 1×1 convolutions
-                value = value[:, :, None, None]
-        out["first_stage_model." + new] = value
+        elif ".attentions." in new:  # attention inside an encoder level (MAR's KL-16 lowest level)
+            level_part, rest = new.split(".attentions.")
+            j, _, rest = rest.partition(".")
+            name, _, param = rest.rpartition(".")
+            level = level_part.rsplit(".", 1)[-1]
+            new = f"encoder.down.{level}.attn.{j}.{attn[name]}.{param}"
+        if "attn" in new and value.ndim == 2:  # LDM keeps the attention projections as 1×1 convolutions
+            value = value[:, :, None, None]
+        out[prefix + new] = value
     return out
 
 

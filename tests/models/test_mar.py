@@ -5,7 +5,6 @@ bit-identical tokens to the official `sample_tokens` — cfg 2.0, 4 iterations, 
 
 import math
 
-import numpy as np
 import pytest
 import torch
 
