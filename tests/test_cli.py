@@ -78,3 +78,18 @@ def test_upscale_with_unknown_weights_exits_with_the_known_layouts(models, tmp_p
     Image.new("RGB", (8, 8)).save(src)
     rc = main(["upscale", str(src), "--base", str(models["sd2"]["folder"]), "--weights", str(bad), "--device", "cpu"])
     assert rc == 2 and "known layouts" in capsys.readouterr().err
+
+
+def test_mar_writes_one_png_per_class(tmp_path):
+    from swiftstep.pipelines import MARPipeline
+
+    from .models.test_mar import tiny
+    from .pipelines.test_pipeline_mar import tiny_vae
+
+    MARPipeline(mar=tiny(), vae=tiny_vae()).save_pretrained(tmp_path / "mar")
+    rc = main(["mar", "--model", str(tmp_path / "mar"), "--class", "1", "4", "--num-iter", "4", "--steps-start", "6",
+               "--steps-end", "2", "--out", str(tmp_path / "out"), "--device", "cpu"])
+    assert rc == 0
+    image = Image.open(tmp_path / "out" / "mar_class4_seed0.png")
+    assert image.size == (64, 64) and json.loads(image.text["swiftstep"])["schedule"] == "disa-linear"
+    assert main(["mar", "--class", "1", "--device", "cpu"]) == 2  # neither --model nor the official files
