@@ -51,7 +51,7 @@ class MARPipeline(DiffusionPipeline):
     def __call__(self, class_labels, num_iter: int = 64, step_schedule: str = "disa-linear", steps_start: int = 50,
                  steps_end: int = 5, cfg: float | None = None, cfg_schedule: str = "linear",
                  temperature: float = 1.0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 official_compat: bool = False, return_dict: bool = True):
+                 official_compat: bool = False, return_dict: bool = True, callback_on_iteration=None):
         r"""Generate one image per class label.
 
         Args:
@@ -64,6 +64,7 @@ class MARPipeline(DiffusionPipeline):
             generator: seeds the generation orders, then every Gaussian draw of the head, in the official order.
             official_compat: DiSA's released behaviour — head timesteps clipped at 950 and orders drawn with numpy
                 (`RandomState(generator.initial_seed())`); off: MAR's respacing and torch orders.
+            callback_on_iteration: `fn(done, total)` after each iteration (progress; raise to stop).
         """
         # 1. Check inputs
         labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
@@ -102,7 +103,9 @@ class MARPipeline(DiffusionPipeline):
         with self.progress_bar(total=num_iter) as progress:
             tokens = disa.sample_tokens(self.mar, bsz, labels.to(device), num_iter, cfg, cfg_schedule, temperature,
                                         steps, disa.OFFICIAL_CLIP if official_compat else None, randn,
-                                        orders.to(device), on_iteration=lambda i, n: progress.update())
+                                        orders.to(device), on_iteration=lambda i, n: (
+                                            progress.update(),
+                                            callback_on_iteration and callback_on_iteration(i + 1, n)))
         latents = self.mar.unpatchify(tokens)
 
         # 4. Decode (KL-16: tokens / 0.2325)

@@ -104,7 +104,32 @@ def base_dir(tmp_path_factory):
         (base / "models" / Path(rel).parent).mkdir(parents=True, exist_ok=True)
         (base / "models" / rel).symlink_to(cached)
     _sr_models(base)
+    _mar_models(base, cache)
     return base
+
+
+def _mar_models(base: Path, cache: Path) -> None:
+    """For the MAR workflow: random MAR-B weights as the official checkpoint-last.pth (model_ema) and a random
+    KL-16 tokenizer in the official LDM key layout (kl16.ckpt), cached."""
+    from diffusers import AutoencoderKL
+
+    from swiftstep.models.mar import MAR
+    from swiftstep.pipelines.mar_checkpoint import KL16_CONFIG
+
+    from ..ldm_layout import vae_to_ldm
+
+    mar, kl = cache / "checkpoint-last.pth", cache / "kl16.ckpt"
+    if not mar.exists():
+        torch.manual_seed(0)
+        torch.save({"model_ema": MAR.from_size("base").state_dict()}, mar.with_suffix(".part"))
+        mar.with_suffix(".part").rename(mar)
+    if not kl.exists():
+        torch.manual_seed(0)
+        torch.save({"model": vae_to_ldm(AutoencoderKL(**KL16_CONFIG).state_dict(), 5, prefix="")}, kl.with_suffix(".part"))
+        kl.with_suffix(".part").rename(kl)
+    (base / "models" / "swiftstep").mkdir(parents=True, exist_ok=True)
+    for f in (mar, kl):
+        (base / "models" / "swiftstep" / f.name).symlink_to(f)
 
 
 def _sr_models(base: Path) -> None:

@@ -18,8 +18,8 @@ from .conftest import TEST_SIZE, get_json as _get
 def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
-    assert ours == ["SwiftStepNASA", "SwiftStepOneStepSampler", "SwiftStepPresetSigmas", "SwiftStepSRLoader",
-                    "SwiftStepTritonAttention", "SwiftStepUpscale"]
+    assert ours == ["SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
+                    "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
     log = (base_dir / "comfyui.log").read_text()
@@ -41,6 +41,8 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
             node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
         if node["class_type"] == "SwiftStepUpscale":
             node["inputs"].update(min_side=TEST_SIZE)  # tiny random SD2: keep the CPU run short
+        if node["class_type"] == "SwiftStepMARSample":
+            node["inputs"].update(num_iter=4, steps_start=4, steps_end=2)  # MAR-B on the CPU: a short run
     body = json.dumps({"prompt": prompt, "client_id": "swiftstep-live-test"}).encode()
     request = urllib.request.Request(server + "/prompt", data=body, headers={"Content-Type": "application/json"})
     try:
