@@ -87,12 +87,20 @@ class HeadDiffusion:
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ac)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
         self.sqrt_recipm1_alphas_cumprod = np.sqrt(1.0 / ac - 1.0)
+        self.log_betas = np.log(self.betas)
+        self._device_tables: dict = {}
 
     def __len__(self) -> int:
         return len(self.timestep_map)
 
     def _at(self, table: np.ndarray, i: int, like: torch.Tensor) -> torch.Tensor:
-        return torch.tensor(table[i], dtype=torch.float32, device=like.device)  # the official float32 cast
+        """table[i] as a float32 scalar on `like`'s device (the official float32 cast). The tables go to the device
+        once per diffusion, not once per step: the head is launch-bound and per-step copies dominate its time."""
+        key = (id(table), like.device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            cached = self._device_tables[key] = torch.tensor(table, dtype=torch.float32, device=like.device)
+        return cached[i]
 
     def p_sample(self, model_output: torch.Tensor, x: torch.Tensor, i: int, noise: torch.Tensor,
                  temperature: float = 1.0) -> torch.Tensor:
@@ -102,7 +110,7 @@ class HeadDiffusion:
         x0 = self._at(self.sqrt_recip_alphas_cumprod, i, x) * x - self._at(self.sqrt_recipm1_alphas_cumprod, i, x) * eps
         mean = self._at(self.posterior_mean_coef1, i, x) * x0 + self._at(self.posterior_mean_coef2, i, x) * x
         frac = (v + 1) / 2
-        log_var = frac * self._at(np.log(self.betas), i, x) + \
+        log_var = frac * self._at(self.log_betas, i, x) + \
             (1 - frac) * self._at(self.posterior_log_variance_clipped, i, x)
         if i == 0:
             return mean  # no noise on the last step (the official code still draws it: `noise` is consumed)
