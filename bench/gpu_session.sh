@@ -11,4 +11,4 @@ for dtype in float16 bfloat16; do python bench/attention.py --device cuda --dtyp
 python bench/onestep.py --size full --device cuda --dtype float16
 python bench/nasa.py --size full --device cuda --dtype float16
 python bench/sr.py --size full --device cuda --dtype float16
-python bench/disa.py --size full --device cuda --batch 64
+python bench/mar.py --size full --device cuda --batch 64

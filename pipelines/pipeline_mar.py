@@ -62,8 +62,10 @@ class MARPipeline(DiffusionPipeline):
             cfg: classifier-free guidance (default per size: 2.9 / 3.0 / 3.3); cfg_schedule "linear" | "constant".
             temperature: scales the head's sampling noise.
             generator: seeds the generation orders, then every Gaussian draw of the head, in the official order.
-            official_compat: DiSA's released behaviour — head timesteps clipped at 950 and orders drawn with numpy
-                (`RandomState(generator.initial_seed())`); off: MAR's respacing and torch orders.
+            official_compat: reproduce the official code for the same seed: generation orders drawn with numpy
+                (as `np.random.seed(s)` before the official `sample_tokens`), noise from the generator's CPU stream,
+                and DiSA's head timesteps clipped at 950 for the disa-* schedules (DiSA's released sampler); with
+                "constant" no clip, i.e. LTH14/mar's own sampler. Off: torch orders and MAR's respacing throughout.
             callback_on_iteration: `fn(done, total)` after each iteration (progress; raise to stop).
         """
         # 1. Check inputs
@@ -75,12 +77,15 @@ class MARPipeline(DiffusionPipeline):
             raise ValueError(f"class labels must be in [0, {classes}), got {labels.tolist()}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
+        seq_len = self.mar.seq_len
+        if num_iter > seq_len:
+            raise ValueError(f"`num_iter` ({num_iter}) cannot exceed the number of tokens ({seq_len}).")
         steps = disa.step_schedule(step_schedule, num_iter, steps_start, steps_end)
         if cfg is None:
             cfg = DEFAULT_CFG.get(self.mar.config.encoder_depth, 3.0)
         disa.cfg_scale(cfg, cfg_schedule, 0, 1)  # validates the schedule name
         device = self._execution_device
-        bsz, seq_len = labels.numel(), self.mar.seq_len
+        bsz = labels.numel()
 
         # 2. Generation orders (first use of the seed), then the head's noise
         if generator is None:
@@ -96,13 +101,15 @@ class MARPipeline(DiffusionPipeline):
         else:
             orders = torch.stack([torch.randperm(seq_len, generator=generator) for _ in range(bsz)])
 
+        clip = disa.OFFICIAL_CLIP if official_compat and step_schedule != "constant" else None
+
         def randn(shape):
             return torch.randn(shape, generator=generator).to(device)
 
         # 3. Autoregressive sampling with DiSA-annealed head steps
         with self.progress_bar(total=num_iter) as progress:
             tokens = disa.sample_tokens(self.mar, bsz, labels.to(device), num_iter, cfg, cfg_schedule, temperature,
-                                        steps, disa.OFFICIAL_CLIP if official_compat else None, randn,
+                                        steps, clip, randn,
                                         orders.to(device), on_iteration=lambda i, n: (
                                             progress.update(),
                                             callback_on_iteration and callback_on_iteration(i + 1, n)))

@@ -114,3 +114,14 @@ def test_bad_input(pipe):
         pipe(1, num_iter=2, step_schedule="fast")
     with pytest.raises(ValueError, match="cfg_schedule"):
         pipe(1, num_iter=2, cfg_schedule="cosine")
+
+
+def test_wrong_size_checkpoint_and_too_many_iterations(pipe, tmp_path):
+    torch.save({"model_ema": tiny().state_dict()}, tmp_path / "checkpoint-last.pth")
+    torch.save({"model": vae_to_ldm(tiny_vae().state_dict(), 5, prefix="")}, tmp_path / "kl16.ckpt")
+    with pytest.raises(ValueError, match=r"checkpoint-last.pth does not fit MAR-base \(it looks like MAR-width 32\)"):
+        MARPipeline.from_official(tmp_path / "checkpoint-last.pth", tmp_path / "kl16.ckpt", size="base")
+    with pytest.raises(ValueError, match=r"`num_iter` \(17\) cannot exceed the number of tokens \(16\)"):
+        pipe(1, num_iter=17)
+    with pytest.raises(ValueError, match="steps_start ≥ steps_end"):
+        pipe(1, num_iter=4, steps_start=2, steps_end=8)

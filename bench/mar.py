@@ -1,7 +1,7 @@
 """MAR sampling time: DiSA step annealing vs MAR's constant head steps, same model, same seed.
 
-    python bench/disa.py                                   # CPU: a narrow random MAR (256 tokens)
-    python bench/disa.py --size full --device cuda         # MAR-B architecture (random weights), 256 tokens
+    python bench/mar.py                                   # CPU: a narrow random MAR (256 tokens)
+    python bench/mar.py --size full --device cuda         # MAR-B architecture (random weights), 256 tokens
 
 Rows: MAR's 256×100 and 64×100 baselines (256×100 on --size full only), DiSA linear / cosine / two-stage 50→5 at
 64 iterations; seconds per batch, head p_sample calls and the speed-up over 64×100. Benchmarks are not tests.
