@@ -65,7 +65,10 @@ class MARPipeline(DiffusionPipeline):
             official_compat: reproduce the official code for the same seed: generation orders drawn with numpy
                 (as `np.random.seed(s)` before the official `sample_tokens`), noise from the generator's CPU stream,
                 and DiSA's head timesteps clipped at 950 for the disa-* schedules (DiSA's released sampler); with
-                "constant" no clip, i.e. LTH14/mar's own sampler. Off: torch orders and MAR's respacing throughout.
+                "constant" no clip, i.e. LTH14/mar's own sampler (DiSA's clipped "constant" is a disa-* schedule
+                with steps_start == steps_end). Checked on tiny random models: tokens bit-identical to LTH14/mar
+                (constant) and to DiSA's MAR_DiSA (linear, cosine, two-stage) for the same seed.
+                Off: torch orders and MAR's respacing throughout.
             callback_on_iteration: `fn(done, total)` after each iteration (progress; raise to stop).
         """
         # 1. Check inputs
