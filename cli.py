@@ -37,17 +37,19 @@ def load_pipeline(model: str, config: str | None, dtype: str, device: str):
     return pipe.to(device)
 
 
-def png_metadata(params: dict):
-    """PNG text chunks: `parameters` (the A1111-style line other tools read) and `swiftstep` (JSON)."""
+def save_png(image, path: Path, params: dict, line: str | None = None) -> Path:
+    """Save with the generation parameters: a `swiftstep` JSON text chunk, plus `parameters` (the A1111-style line
+    other tools read) when given."""
     from PIL.PngImagePlugin import PngInfo
 
     info = PngInfo()
-    line = (f"{params['prompt']}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
-            f"Seed: {params['seed']}, Size: {params['width']}x{params['height']}, Model: {params['model']}, "
-            f"Timesteps: {params['timesteps']}, Version: swiftstep {__version__}")
-    info.add_text("parameters", line)
-    info.add_text("swiftstep", json.dumps(params))
-    return info
+    if line is not None:
+        info.add_text("parameters", line)
+    info.add_text("swiftstep", json.dumps({**params, "swiftstep": __version__}))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, pnginfo=info)
+    print(f"wrote {path}")
+    return path
 
 
 def generate(args) -> list[Path]:
@@ -64,15 +66,14 @@ def generate(args) -> list[Path]:
                   timesteps=timesteps, gamma=args.gamma, num_images_per_prompt=args.num_images,
                   generator=generator).images
     params = {"prompt": args.prompt, "model": args.model, "preset": preset.name if preset else None,
-              "steps": len(sampler), "timesteps": [int(t) if t.is_integer() else t for t in sampler.timesteps], "gamma": args.gamma, "seed": args.seed,
-              "height": height, "width": width, "dtype": args.dtype, "swiftstep": __version__}
+              "steps": len(sampler), "timesteps": [int(t) if t.is_integer() else t for t in sampler.timesteps],
+              "gamma": args.gamma, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
-    for i, (image, path) in enumerate(zip(images, paths)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        image.save(path, pnginfo=png_metadata({**params, "index": i}))
-        print(f"wrote {path}")
-    return paths
+    line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
+            f"Seed: {args.seed}, Size: {width}x{height}, Model: {args.model}, Timesteps: {params['timesteps']}, "
+            f"Version: swiftstep {__version__}")
+    return [save_png(image, path, {**params, "index": i}, line) for i, (image, path) in enumerate(zip(images, paths))]
 
 
 def upscale(args) -> list[Path]:
@@ -105,15 +106,8 @@ def upscale(args) -> list[Path]:
                       min_side=args.min_side, generator=generator).images[0]
         params = {"input": str(src), "method": method, "weights": str(args.weights), "base": args.base,
                   "scale": args.scale, "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem,
-                  "color_fix": args.color_fix, "seed": args.seed, "swiftstep": __version__}
-        from PIL.PngImagePlugin import PngInfo
-
-        info = PngInfo()
-        info.add_text("swiftstep", json.dumps(params))
-        path = out_dir / f"{src.stem}_x{args.scale}.png"
-        result.save(path, pnginfo=info)
-        print(f"wrote {path} ({result.size[0]}×{result.size[1]}, {method})")
-        paths.append(path)
+                  "color_fix": args.color_fix, "seed": args.seed}
+        paths.append(save_png(result, out_dir / f"{src.stem}_x{args.scale}.png", params))
     return paths
 
 
@@ -134,22 +128,11 @@ def mar(args) -> list[Path]:
     images = pipe(args.class_ids, num_iter=args.num_iter, step_schedule=args.schedule, steps_start=args.steps_start,
                   steps_end=args.steps_end, cfg=args.cfg, temperature=args.temperature, generator=generator,
                   official_compat=args.official_compat).images
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    from PIL.PngImagePlugin import PngInfo
-
-    for label, image in zip(args.class_ids, images):
-        info = PngInfo()
-        info.add_text("swiftstep", json.dumps({"class": label, "num_iter": args.num_iter, "schedule": args.schedule,
-                                               "steps": [args.steps_start, args.steps_end], "cfg": args.cfg,
-                                               "temperature": args.temperature, "seed": args.seed,
-                                               "official_compat": args.official_compat, "swiftstep": __version__}))
-        path = out / f"mar_class{label}_seed{args.seed}.png"
-        image.save(path, pnginfo=info)
-        print(f"wrote {path}")
-        paths.append(path)
-    return paths
+    params = {"num_iter": args.num_iter, "schedule": args.schedule, "steps": [args.steps_start, args.steps_end],
+              "cfg": args.cfg, "temperature": args.temperature, "seed": args.seed,
+              "official_compat": args.official_compat}
+    return [save_png(image, Path(args.out) / f"mar_class{label}_seed{args.seed}.png", {**params, "class": label})
+            for label, image in zip(args.class_ids, images)]
 
 
 def selftest(args) -> list[Path]:
