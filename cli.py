@@ -20,20 +20,20 @@ from . import __version__
 DTYPES = ("float32", "float16", "bfloat16")
 
 
-def load_pipeline(model: str, config: str | None, dtype: str, device: str):
+def load_pipeline(model: str, config: str | None, dtype: str, device: str, cls=None, flag: str = "--model"):
     """A folder or hub id → `from_pretrained`; a `.safetensors`/`.ckpt` file → `from_single_file`."""
     import torch
 
-    from .pipelines import OneStepPipeline
-
+    if cls is None:
+        from .pipelines import OneStepPipeline as cls
     torch_dtype = getattr(torch, dtype)
     path = Path(model)
     if path.suffix in (".safetensors", ".ckpt"):
-        pipe = OneStepPipeline.from_single_file(model, config=config, dtype=torch_dtype)
+        pipe = cls.from_single_file(model, config=config, dtype=torch_dtype)
     elif path.is_dir() or (model.count("/") == 1 and not path.exists()):
-        pipe = OneStepPipeline.from_pretrained(model, dtype=torch_dtype)
+        pipe = cls.from_pretrained(model, dtype=torch_dtype)
     else:
-        raise FileNotFoundError(f"--model: no diffusers folder, checkpoint file or hub id at {model!r}.")
+        raise FileNotFoundError(f"{flag}: no diffusers folder, checkpoint file or hub id at {model!r}.")
     return pipe.to(device)
 
 
@@ -82,15 +82,7 @@ def upscale(args) -> list[Path]:
 
     from .pipelines import OneStepSRPipeline
 
-    base = Path(args.base)
-    dtype = getattr(torch, args.dtype)
-    if base.suffix in (".safetensors", ".ckpt"):
-        pipe = OneStepSRPipeline.from_single_file(str(base), config=args.config, dtype=dtype)
-    elif base.is_dir() or (args.base.count("/") == 1 and not base.exists()):
-        pipe = OneStepSRPipeline.from_pretrained(args.base, dtype=dtype)
-    else:
-        raise FileNotFoundError(f"--base: no SD2.1 diffusers folder, checkpoint file or hub id at {args.base!r}.")
-    pipe = pipe.to(args.device)
+    pipe = load_pipeline(args.base, args.config, args.dtype, args.device, OneStepSRPipeline, "--base")
     method = pipe.load_sr_weights(args.weights)
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
