@@ -449,23 +449,35 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         return ImagePipelineOutput(images=images)
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
-        """VAE decode to [-1, 1]; upcasts to float32 where the VAE config asks (SDXL VAE overflows in fp16)."""
+        """VAE decode to [-1, 1]. An fp16 VAE decodes in float32 where its config asks (`force_upcast`, SDXL) or
+        when the fp16 decode overflows (NaN/inf), which is logged once; NaN after that is an error."""
         vae = self.vae
         dtype = vae.dtype
-        upcast = dtype == torch.float16 and vae.config.get("force_upcast", False)
-        if upcast:
-            vae.to(torch.float32)
-        try:
-            z = latents.to(torch.float32 if upcast else dtype) / vae.config.scaling_factor
-            if vae.config.get("shift_factor") is not None:
-                z = z + vae.config.shift_factor
-            image = vae.decode(z, return_dict=False)[0]
-        finally:
+
+        def decode(in_dtype):
+            upcast = in_dtype != dtype
             if upcast:
-                vae.to(dtype)
+                vae.to(in_dtype)
+            try:
+                z = latents.to(in_dtype) / vae.config.scaling_factor
+                if vae.config.get("shift_factor") is not None:
+                    z = z + vae.config.shift_factor
+                return vae.decode(z, return_dict=False)[0]
+            finally:
+                if upcast:
+                    vae.to(dtype)
+
+        fp16 = dtype == torch.float16
+        image = decode(torch.float32 if fp16 and vae.config.get("force_upcast", False) else dtype)
+        if not torch.isfinite(image).all() and fp16 and image.dtype == torch.float16:
+            if not getattr(self, "_warned_vae_overflow", False):
+                logger.warning("The fp16 VAE overflowed (NaN/inf); decoding in float32 instead. An fp16-fixed VAE "
+                               "(e.g. madebyollin/sdxl-vae-fp16-fix) avoids the extra cost.")
+                self._warned_vae_overflow = True
+            image = decode(torch.float32)
         if not torch.isfinite(image).all():
             raise FloatingPointError(
-                f"NaN/inf in the decoded image ({image.dtype} VAE); decode in float32 or bfloat16 "
-                f"(e.g. `pipe.vae.to(torch.float32)`), or use an fp16-fixed VAE."
+                f"NaN/inf in the decoded image ({image.dtype} VAE) from finite latents; check the VAE weights, or "
+                f"decode in float32 (`pipe.vae.to(torch.float32)`)."
             )
         return image

@@ -220,3 +220,26 @@ def test_stock_diffusers_folders_load_and_imply_their_preset(pipes, tmp_path):
     sd1 = stock_pipeline(pipes["sd1"], pipes["sd1"].scheduler)  # safety_checker/feature_extractor saved as null
     sd1.save_pretrained(tmp_path / "sd15-like")
     assert OneStepPipeline.from_pretrained(tmp_path / "sd15-like").family == "sd1"
+
+
+def test_fp16_vae_overflow_falls_back_to_float32(models, caplog):
+    import logging
+
+    pipe = OneStepPipeline.from_pretrained(models["sd1"]["folder"])
+    pipe.set_progress_bar_config(disable=True)
+    pipe.vae.to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=False)  # a VAE that claims to be fp16-safe
+    # an fp16 decode that overflows, as SDXL's VAE does at large activations
+    handle = pipe.vae.decoder.register_forward_hook(
+        lambda m, a, out: out * float("inf") if out.dtype == torch.float16 else out)
+    try:
+        with caplog.at_level(logging.WARNING, logger="swiftstep"):
+            image = pipe(PROMPT, timesteps=[999], generator=gen(), output_type="pt").images
+    finally:
+        handle.remove()
+    assert torch.isfinite(image).all() and pipe.vae.dtype == torch.float16
+    assert "decoding in float32 instead" in caplog.text
+    ref_pipe = OneStepPipeline.from_pretrained(models["sd1"]["folder"])
+    ref_pipe.set_progress_bar_config(disable=True)
+    ref = ref_pipe(PROMPT, timesteps=[999], generator=gen(), output_type="pt").images
+    torch.testing.assert_close(image, ref, atol=1e-3, rtol=1e-3)
