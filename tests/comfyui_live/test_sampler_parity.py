@@ -127,3 +127,29 @@ def test_triton_attention_node_keeps_the_latents(comfy_inprocess, nodes, backend
     else:
         assert last_path()["path"] == "triton"
         assert (got - plain).abs().max() <= 1e-4 * plain.abs().max()
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+def test_nasa_node_with_the_core_ksampler_at_cfg_1(comfy_inprocess, mode):
+    """The patched MODEL also drives ComfyUI's own KSampler (lcm sampler, sgm_uniform, cfg 1.0)."""
+    import comfy.sample
+
+    from swiftstep.nodes import nasa_nodes
+
+    pipe = OneStepPipeline(**build_components("sd1"))
+    patcher = comfy_model(comfy_inprocess, pipe)
+    embeds, _ = pipe.encode_prompt([PROMPT])
+    negative, _ = pipe.encode_prompt(["blurry"])
+    latent = torch.zeros(1, 4, 16, 16)
+
+    def ksample(model):
+        noise = comfy.sample.prepare_noise(latent, 2)
+        cond = [[embeds, {}]]
+        return comfy.sample.sample(model, noise, 4, 1.0, "lcm", "sgm_uniform", cond, cond, latent, disable_pbar=True,
+                                   seed=2)
+
+    plain = ksample(patcher)
+    (patched,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, 0.3, 3.0, 2.5, 0.5).args
+    (off,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, 0.0, 1.0, 2.5, 0.5).args
+    assert (ksample(patched) - plain).abs().max() > 1e-3
+    assert torch.equal(ksample(off), plain)
