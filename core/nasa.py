@@ -13,8 +13,13 @@ combination and the per-backbone defaults; the attention itself is the adapters'
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from . import nag
+
+MODES = ("nasa", "nag")
 
 # SNOOPI v3 NASA-I defaults per backbone family. SDXL has no published value (the paper sweeps SDXL-DMD2 over
 # 0…1 qualitatively); it uses SD2.1's 0.2 until one is published.
@@ -30,3 +35,30 @@ def check_alpha(alpha: float, name: str = "nasa_scale") -> float:
 def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
     """Z+ − α·Z− (eq. 9 before the output projection); shapes [B, L, H·D] or [B, H, L, D]."""
     return z_pos - alpha * z_neg
+
+
+@dataclass(frozen=True)
+class NegativeGuidance:
+    """NASA or NAG settings, validated once; `combine(Z+, Z−)` applies the chosen one (heads merged, [B, L, H·D],
+    for NAG; any layout for NASA)."""
+
+    mode: str = "nasa"
+    alpha: float = 0.1  # NASA α
+    nag_scale: float = 3.0
+    nag_tau: float = 2.5
+    nag_alpha: float = 0.5
+
+    @classmethod
+    def checked(cls, mode="nasa", alpha=0.1, nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5,
+                mode_name: str = "`guidance`") -> "NegativeGuidance":
+        if mode not in MODES:
+            raise ValueError(f"{mode_name} must be one of {MODES}, got {mode!r}.")
+        check_alpha(alpha)
+        if mode == "nag":
+            nag.check_params(nag_scale, nag_tau, nag_alpha)
+        return cls(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha))
+
+    def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
+        if self.mode == "nag":
+            return nag.nag_combine(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+        return nasa_combine(z_pos, z_neg, self.alpha)

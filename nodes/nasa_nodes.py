@@ -10,9 +10,9 @@ import torch
 from comfy_api.latest import io
 
 from .. import kernels
-from ..core import nag, nasa
+from ..core import nasa
 
-MODES = ("nasa", "nag")
+MODES = nasa.MODES
 
 
 def attn2_locations(diffusion_model):
@@ -35,11 +35,8 @@ def attn2_locations(diffusion_model):
 class NASAAttn2Patch:
     """`attn2` replace patch: (q, k, v, extra_options) → combine(Z+, Z−), before ComfyUI applies `to_out`."""
 
-    def __init__(self, attn2, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
-                 nag_alpha: float):
-        self.attn2, self.negative = attn2, negative
-        self.mode, self.alpha = mode, alpha
-        self.nag_scale, self.nag_tau, self.nag_alpha = nag_scale, nag_tau, nag_alpha
+    def __init__(self, attn2, negative: torch.Tensor, guidance: nasa.NegativeGuidance):
+        self.attn2, self.negative, self.guidance = attn2, negative, guidance
         self._kv = {}  # (device, dtype) → (K−, V−): the negative prompt is constant over the steps
 
     def negative_kv(self, like: torch.Tensor):
@@ -60,7 +57,7 @@ class NASAAttn2Patch:
         knh, vnh = (split(t.repeat_interleave(reps, 0)) for t in (k_neg, v_neg))
         if kernels.select_path("dual", qh, (kh, vh, knh, vnh), (), max(kh.shape[2], knh.shape[2])) != "triton":
             return None
-        z = kernels.dual_attention(qh, kh, vh, knh, vnh, alpha=self.alpha, backend="triton")
+        z = kernels.dual_attention(qh, kh, vh, knh, vnh, alpha=self.guidance.alpha, backend="triton")
         return z.transpose(1, 2).reshape(b, -1, inner)
 
     def __call__(self, q, k, v, extra_options):
@@ -77,7 +74,7 @@ class NASAAttn2Patch:
         if not pos_rows:
             return z_pos
         k_neg, v_neg = self.negative_kv(q)
-        if self.mode == "nasa" and len(pos_rows) == q.shape[0] and q.shape[0] % k_neg.shape[0] == 0:
+        if self.guidance.mode == "nasa" and len(pos_rows) == q.shape[0] and q.shape[0] % k_neg.shape[0] == 0:
             fused = self._fused(q, k, v, k_neg, v_neg, heads)
             if fused is not None:
                 return fused
@@ -90,11 +87,7 @@ class NASAAttn2Patch:
         k_neg, v_neg = k_neg.repeat_interleave(reps, 0), v_neg.repeat_interleave(reps, 0)
         z_neg = optimized_attention(q_pos, k_neg, v_neg, heads, **kwargs)
         z_sel = z_pos.index_select(0, idx)
-        if self.mode == "nag":
-            combined = nag.nag_combine(z_sel, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
-        else:
-            combined = nasa.nasa_combine(z_sel, z_neg, self.alpha)
-        return z_pos.index_copy(0, idx, combined)
+        return z_pos.index_copy(0, idx, self.guidance.combine(z_sel, z_neg))
 
 
 class PixArtCrossAttnForward:
@@ -142,11 +135,8 @@ def pixart_cross_attentions(diffusion_model):
 def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
                 nag_alpha: float):
     """A clone of `model` with NASA/NAG on every UNet cross-attention; `model` itself is left untouched."""
-    if mode not in MODES:
-        raise ValueError(f"SwiftStepNASA: input `mode` must be one of {MODES}, got {mode!r}.")
-    nasa.check_alpha(alpha, "nasa_scale")
-    if mode == "nag":
-        nag.check_params(nag_scale, nag_tau, nag_alpha)
+    guidance = nasa.NegativeGuidance.checked(mode, alpha, nag_scale, nag_tau, nag_alpha,
+                                             mode_name="SwiftStepNASA: input `mode`")
     diffusion_model = model.get_model_object("diffusion_model")
     locations = attn2_locations(diffusion_model)
     pixart = pixart_cross_attentions(diffusion_model) if not locations else []
@@ -155,19 +145,12 @@ def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scal
                          f"cross-attention blocks NASA can patch; supported: SD1.x, SD2.x and SDXL UNets, PixArt.")
     m = model.clone()
     if pixart:  # DiT route: per-clone object patches, applied only while this clone samples
-
-        def combine(z_pos, z_neg):
-            if mode == "nag":
-                return nag.nag_combine(z_pos, z_neg, nag_scale, nag_tau, nag_alpha)
-            return nasa.nasa_combine(z_pos, z_neg, alpha)
-
         y_proj = diffusion_model.y_embedder.y_proj
         for name, module in pixart:
-            m.add_object_patch(name, PixArtCrossAttnForward(module, y_proj, negative, combine))
+            m.add_object_patch(name, PixArtCrossAttnForward(module, y_proj, negative, guidance.combine))
         return m
     for (block, number, index), attn2 in locations:
-        m.set_model_attn2_replace(NASAAttn2Patch(attn2, negative, mode, alpha, nag_scale, nag_tau, nag_alpha),
-                                  block, number, index)
+        m.set_model_attn2_replace(NASAAttn2Patch(attn2, negative, guidance), block, number, index)
     return m
 
 

@@ -19,28 +19,32 @@ from dataclasses import dataclass, field
 import torch
 
 from .. import kernels
-from ..core import nag, nasa
+from ..core import nasa
 from .attention_processor import SwiftStepAttnProcessor
 
 SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
              "FluxTransformer2DModel (experimental)")
 JOINT_ATTENTION = ("SD3Transformer2DModel", "QwenImageTransformer2DModel",
                    "HunyuanVideoTransformer3DModel", "WanTransformer3DModel", "AuraFlowTransformer2DModel")
-MODES = ("nasa", "nag")
+MODES = nasa.MODES
 
 
 @dataclass
 class NegativeContext:
     """What every installed processor reads: the negative text context, its mask and the guidance settings."""
 
-    mode: str = "nasa"
-    alpha: float = 0.1  # NASA α
-    nag_scale: float = 3.0
-    nag_tau: float = 2.5
-    nag_alpha: float = 0.5
+    guidance: nasa.NegativeGuidance = field(default_factory=nasa.NegativeGuidance)
     encoder_hidden_states: torch.Tensor | None = None  # [1 or B, L−, C]
     attention_mask: torch.Tensor | None = None  # [1 or B, L−], 1 = attend, 0 = ignore
     _kv: dict = field(default_factory=dict, repr=False)  # id(attn) → (K−, V−): constant over the sampling steps
+
+    @property
+    def mode(self) -> str:
+        return self.guidance.mode
+
+    @property
+    def alpha(self) -> float:
+        return self.guidance.alpha
 
     def set_negative(self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None):
         if encoder_hidden_states is not None and encoder_hidden_states.ndim != 3:
@@ -52,9 +56,7 @@ class NegativeContext:
         self._kv.clear()
 
     def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
-        if self.mode == "nag":
-            return nag.nag_combine(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
-        return nasa.nasa_combine(z_pos, z_neg, self.alpha)
+        return self.guidance.combine(z_pos, z_neg)
 
 
 def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
@@ -177,12 +179,7 @@ class NASAHandle:
 
 def make_context(mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
                  nag_alpha: float = 0.5) -> NegativeContext:
-    if mode not in MODES:
-        raise ValueError(f"`guidance` must be one of {MODES}, got {mode!r}.")
-    nasa.check_alpha(alpha)
-    if mode == "nag":
-        nag.check_params(nag_scale, nag_tau, nag_alpha)
-    return NegativeContext(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha))
+    return NegativeContext(nasa.NegativeGuidance.checked(mode, alpha, nag_scale, nag_tau, nag_alpha))
 
 
 def apply_nasa(model, mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
