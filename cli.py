@@ -106,6 +106,7 @@ def upscale(args) -> list[Path]:
 def mar(args) -> list[Path]:
     import torch
 
+    from .core import imagenet
     from .pipelines import MARPipeline
 
     if args.model:
@@ -116,15 +117,17 @@ def mar(args) -> list[Path]:
         raise ValueError("pass --model (a folder written by MARPipeline.save_pretrained) or --mar-ckpt and --vae-ckpt "
                          "(the official checkpoint-last.pth and kl16.ckpt).")
     pipe = pipe.to(args.device)
+    labels = [imagenet.class_id(c) for c in args.class_ids]
     generator = torch.Generator().manual_seed(args.seed)
-    images = pipe(args.class_ids, num_iter=args.num_iter, step_schedule=args.schedule, steps_start=args.steps_start,
+    images = pipe(labels, num_iter=args.num_iter, step_schedule=args.schedule, steps_start=args.steps_start,
                   steps_end=args.steps_end, cfg=args.cfg, temperature=args.temperature, generator=generator,
                   official_compat=args.official_compat).images
     params = {"num_iter": args.num_iter, "schedule": args.schedule, "steps": [args.steps_start, args.steps_end],
               "cfg": args.cfg, "temperature": args.temperature, "seed": args.seed,
               "official_compat": args.official_compat}
-    return [save_png(image, Path(args.out) / f"mar_class{label}_seed{args.seed}.png", {**params, "class": label})
-            for label, image in zip(args.class_ids, images)]
+    return [save_png(image, Path(args.out) / f"mar_class{label}_seed{args.seed}.png",
+                     {**params, "class": label, "class_name": imagenet.IMAGENET_CLASSES[label]})
+            for label, image in zip(labels, images)]
 
 
 def selftest(args) -> list[Path]:
@@ -190,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--mar-ckpt", help="the official checkpoint-last.pth (its model_ema weights are used)")
     m.add_argument("--vae-ckpt", help="the official kl16.ckpt")
     m.add_argument("--size", choices=("base", "large", "huge"), default="base")
-    m.add_argument("--class", dest="class_ids", type=int, nargs="+", required=True, help="ImageNet class ids")
+    m.add_argument("--class", dest="class_ids", nargs="+", required=True,
+                   help="ImageNet class ids or names, e.g. 207 or 'golden retriever'")
     m.add_argument("--num-iter", type=int, default=64)
     m.add_argument("--schedule", choices=("disa-linear", "disa-cosine", "disa-two-stage", "constant"),
                    default="disa-linear")

@@ -82,7 +82,10 @@ class HeadDiffusion:
         self.alphas_cumprod = ac
         self.posterior_variance = self.betas * (1.0 - ac_prev) / (1.0 - ac)
         # log of the posterior variance, clipped: the first entry (0) is replaced by the second
-        self.posterior_log_variance_clipped = np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:]))
+        # (T = 1: never used — the only step adds no noise; IDDPM leaves the table empty and cannot run T = 1)
+        self.posterior_log_variance_clipped = (
+            np.log(np.append(self.posterior_variance[1], self.posterior_variance[1:])) if len(kept) > 1 else
+            np.zeros(1))
         self.posterior_mean_coef1 = self.betas * np.sqrt(ac_prev) / (1.0 - ac)
         self.posterior_mean_coef2 = (1.0 - ac_prev) * np.sqrt(1.0 - self.betas) / (1.0 - ac)
         self.sqrt_recip_alphas_cumprod = np.sqrt(1.0 / ac)
@@ -151,30 +154,32 @@ def head_sample(net, z: torch.Tensor, diffusion: HeadDiffusion, temperature: flo
 
     With CFG (`cfg != 1`) the rows are [cond; uncond]: one noise per pair, ε guided, each half keeping its own
     variance. `randn(shape)` supplies every Gaussian draw, in the official order: the start noise, then one draw
-    per step (the last step draws too, and ignores it)."""
+    per step (the last step draws too, and ignores it), on any device. `core.head_graph.GraphedHead` is the same
+    computation from static buffers and CUDA graphs."""
     channels = net.in_channels
     if cfg != 1.0:
-        half = randn((z.shape[0] // 2, channels))
+        half = randn((z.shape[0] // 2, channels)).to(z.device)
         x = torch.cat([half, half])
         fn = lambda x_, t_: net.forward_with_cfg(x_, t_, z, cfg)  # noqa: E731
     else:
-        x = randn((z.shape[0], channels))
+        x = randn((z.shape[0], channels)).to(z.device)
         fn = lambda x_, t_: net(x_, t_, z)  # noqa: E731
     for i in reversed(range(len(diffusion))):
         t = torch.full((x.shape[0],), diffusion.timestep_map[i], device=x.device, dtype=torch.long)
         out = fn(x, t)
-        x = diffusion.p_sample(out, x, i, randn(tuple(x.shape)), temperature)
+        x = diffusion.p_sample(out, x, i, randn(tuple(x.shape)).to(x.device), temperature)
     return x
 
 
 def sample_tokens(model, bsz: int, labels: torch.Tensor | None, num_iter: int, cfg: float, cfg_schedule: str,
                   temperature: float, steps: list[int], clip: int | None, randn, orders: torch.Tensor,
-                  on_iteration=None) -> torch.Tensor:
+                  on_iteration=None, head=None) -> torch.Tensor:
     """MAR `sample_tokens` (random order, cosine mask schedule, Muse-style CFG schedule) with DiSA's T per iteration.
 
     `model` has `seq_len`, `token_embed_dim`, `class_emb`, `fake_latent`, `encode(tokens, mask, class_embedding)`,
     `decode(x, mask)` and `diffloss.net` (see models/mar.py). `orders` [bsz, seq_len] is each image's generation
-    order; `randn(shape)` supplies the head's Gaussian draws. Returns tokens [bsz, seq_len, C]."""
+    order; `randn(shape)` supplies the head's Gaussian draws; `head` runs the head (default `head_sample`; a
+    `GraphedHead` on CUDA). Returns tokens [bsz, seq_len, C]."""
     if len(steps) != num_iter:
         raise ValueError(f"`steps` has {len(steps)} entries for {num_iter} iterations.")
     device = orders.device
@@ -200,7 +205,7 @@ def sample_tokens(model, bsz: int, labels: torch.Tensor | None, num_iter: int, c
         rows = z[to_pred]
         if steps[step] not in diffusions:
             diffusions[steps[step]] = HeadDiffusion(steps[step], clip)
-        sampled = head_sample(model.diffloss.net, rows, diffusions[steps[step]], temperature,
+        sampled = (head or head_sample)(model.diffloss.net, rows, diffusions[steps[step]], temperature,
                               cfg_scale(cfg, cfg_schedule, mask_len, seq_len), randn)
         if cfg != 1.0:
             sampled, _ = sampled.chunk(2)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
+from ..core import imagenet
+
 MAR_MODEL = io.Custom("SWIFTSTEP_MAR_MODEL")
 SCHEDULES = ("disa-linear", "disa-cosine", "disa-two-stage", "constant")
 
@@ -67,8 +69,8 @@ class SwiftStepMARSample(io.ComfyNode):
                         "accumulate (≈5× faster than MAR's 256×100 at similar quality).",
             inputs=[
                 MAR_MODEL.Input("mar_model", tooltip="From SwiftStep MAR Loader."),
-                io.Int.Input("class_id", default=207, min=0, max=999, tooltip="ImageNet class id (207 = golden "
-                                                                               "retriever)."),
+                io.Combo.Input("class_name", options=imagenet.picker_options(), default="207 golden retriever",
+                               tooltip="The ImageNet class to draw (type its id or name to search the list)."),
                 io.Int.Input("batch_size", default=1, min=1, max=64, tooltip="Images of this class."),
                 io.Int.Input("num_iter", default=64, min=1, max=256, tooltip="Autoregressive iterations (64 with "
                                                                              "DiSA; MAR's paper used 256)."),
@@ -92,7 +94,7 @@ class SwiftStepMARSample(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, mar_model, class_id, batch_size, num_iter, step_schedule, steps_start, steps_end, cfg,
+    def execute(cls, mar_model, class_name, batch_size, num_iter, step_schedule, steps_start, steps_end, cfg,
                 cfg_schedule, temperature, official_compat, seed) -> io.NodeOutput:
         import comfy.model_management
         import comfy.utils
@@ -106,7 +108,7 @@ class SwiftStepMARSample(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(done, total)
 
-        images = mar_model([class_id] * batch_size, num_iter=num_iter, step_schedule=step_schedule,
+        images = mar_model([imagenet.from_picker(class_name)] * batch_size, num_iter=num_iter, step_schedule=step_schedule,
                            steps_start=steps_start, steps_end=steps_end, cfg=cfg, cfg_schedule=cfg_schedule,
                            temperature=temperature, generator=torch.Generator().manual_seed(seed),
                            official_compat=official_compat, output_type="pt", callback_on_iteration=on_iteration).images

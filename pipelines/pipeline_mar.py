@@ -15,7 +15,8 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ..core import disa
+from ..core import disa, imagenet
+from ..core.head_graph import GraphedHead
 from ..models.mar import MAR, SIZES
 from .mar_checkpoint import KL16_CONFIG, KL16_SCALE, convert_kl16, read_checkpoint
 
@@ -51,11 +52,13 @@ class MARPipeline(DiffusionPipeline):
     def __call__(self, class_labels, num_iter: int = 64, step_schedule: str = "disa-linear", steps_start: int = 50,
                  steps_end: int = 5, cfg: float | None = None, cfg_schedule: str = "linear",
                  temperature: float = 1.0, generator: torch.Generator | None = None, output_type: str = "pil",
-                 official_compat: bool = False, return_dict: bool = True, callback_on_iteration=None):
+                 official_compat: bool = False, head_graphs: bool | None = None, return_dict: bool = True,
+                 callback_on_iteration=None):
         r"""Generate one image per class label.
 
         Args:
-            class_labels: ImageNet class ids (int, list or tensor), 0 … 999.
+            class_labels: ImageNet classes, one image each: ids 0 … 999 or names ("golden retriever", case and
+                '_' ignored; `swiftstep.core.imagenet.IMAGENET_CLASSES`), as one value, a list or a tensor of ids.
             num_iter: autoregressive iterations (DiSA/MAR: 64; MAR's paper evaluations: 256).
             step_schedule: "disa-linear" | "disa-cosine" | "disa-two-stage" | "constant" head steps per iteration,
                 from `steps_start` to `steps_end` (MAR's own sampler: "constant" with steps_end=100).
@@ -69,15 +72,21 @@ class MARPipeline(DiffusionPipeline):
                 with steps_start == steps_end). Checked on tiny random models: tokens bit-identical to LTH14/mar
                 (constant) and to DiSA's MAR_DiSA (linear, cosine, two-stage) for the same seed.
                 Off: torch orders and MAR's respacing throughout.
+            head_graphs: run the diffusion head from CUDA graphs (`core.head_graph.GraphedHead`: static buffers,
+                graphs of 1 … 64 steps replayed per step count, captured once per pipeline). Default: on CUDA.
+                Same draws, same maths; on the GPU the result can differ from the eager head in the last bits
+                (matrix sizes are padded to buckets). A capture that fails falls back to eager, logged once.
             callback_on_iteration: `fn(done, total)` after each iteration (progress; raise to stop).
         """
         # 1. Check inputs
-        labels = torch.as_tensor([class_labels] if isinstance(class_labels, int) else class_labels).long().flatten()
         classes = self.mar.class_emb.num_embeddings
+        if isinstance(class_labels, (int, str)):
+            class_labels = [class_labels]
+        if torch.is_tensor(class_labels):
+            class_labels = class_labels.flatten().tolist()
+        labels = torch.tensor([imagenet.class_id(c, classes) for c in class_labels], dtype=torch.long)
         if labels.numel() == 0:
             raise ValueError("`class_labels` is empty.")
-        if labels.min() < 0 or labels.max() >= classes:
-            raise ValueError(f"class labels must be in [0, {classes}), got {labels.tolist()}.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         seq_len = self.mar.seq_len
@@ -106,14 +115,18 @@ class MARPipeline(DiffusionPipeline):
 
         clip = disa.OFFICIAL_CLIP if official_compat and step_schedule != "constant" else None
 
-        def randn(shape):
-            return torch.randn(shape, generator=generator).to(device)
+        def randn(shape):  # one float32 CPU stream, as the official code; consumers move the draws
+            return torch.randn(shape, generator=generator)
+
+        use_graphs = device.type == "cuda" if head_graphs is None else head_graphs
+        if use_graphs and getattr(self, "_graphed_head", None) is None:
+            self._graphed_head = GraphedHead()
+        head = self._graphed_head if use_graphs else None
 
         # 3. Autoregressive sampling with DiSA-annealed head steps
         with self.progress_bar(total=num_iter) as progress:
             tokens = disa.sample_tokens(self.mar, bsz, labels.to(device), num_iter, cfg, cfg_schedule, temperature,
-                                        steps, clip, randn,
-                                        orders.to(device), on_iteration=lambda i, n: (
+                                        steps, clip, randn, orders.to(device), head=head, on_iteration=lambda i, n: (
                                             progress.update(),
                                             callback_on_iteration and callback_on_iteration(i + 1, n)))
         latents = self.mar.unpatchify(tokens)

@@ -87,9 +87,10 @@ def test_mar_writes_one_png_per_class(tmp_path):
     from .pipelines.test_pipeline_mar import tiny_vae
 
     MARPipeline(mar=tiny(), vae=tiny_vae()).save_pretrained(tmp_path / "mar")
-    rc = main(["mar", "--model", str(tmp_path / "mar"), "--class", "1", "4", "--num-iter", "4", "--steps-start", "6",
+    rc = main(["mar", "--model", str(tmp_path / "mar"), "--class", "1", "Electric_Ray", "--num-iter", "4", "--steps-start", "6",
                "--steps-end", "2", "--out", str(tmp_path / "out"), "--device", "cpu"])
     assert rc == 0
-    image = Image.open(tmp_path / "out" / "mar_class4_seed0.png")
-    assert image.size == (64, 64) and json.loads(image.text["swiftstep"])["schedule"] == "disa-linear"
+    image = Image.open(tmp_path / "out" / "mar_class5_seed0.png")  # class 5 = electric ray
+    params = json.loads(image.text["swiftstep"])
+    assert image.size == (64, 64) and params["schedule"] == "disa-linear" and params["class_name"] == "electric ray"
     assert main(["mar", "--class", "1", "--device", "cpu"]) == 2  # neither --model nor the official files

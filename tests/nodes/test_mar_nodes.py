@@ -41,8 +41,8 @@ def test_loader_finds_the_official_files_and_passes_the_size(nodes, monkeypatch)
 def test_sample_returns_images_with_progress_and_matches_the_pipeline(nodes):
     pipe = MARPipeline(mar=tiny(), vae=tiny_vae())
     pipe.set_progress_bar_config(disable=True)
-    args = dict(class_id=3, batch_size=2, num_iter=4, step_schedule="disa-linear", steps_start=6, steps_end=2,
-                cfg=2.0, cfg_schedule="linear", temperature=1.0, official_compat=False, seed=5)
+    args = dict(class_name="003 tiger shark", batch_size=2, num_iter=4, step_schedule="disa-linear", steps_start=6,
+                steps_end=2, cfg=2.0, cfg_schedule="linear", temperature=1.0, official_compat=False, seed=5)
     (images,) = nodes.SwiftStepMARSample.execute(pipe, **args).args
     assert images.shape == (2, 64, 64, 3) and 0 <= images.min() and images.max() <= 1
     assert fakes.ProgressBar.last.current == 4

@@ -105,8 +105,20 @@ def test_checkpoint_errors(tmp_path):
         read_checkpoint(tmp_path / "train.pth", "model_ema", "MAR")
 
 
+def test_class_names_select_the_same_class_as_ids(pipe):
+    kw = dict(num_iter=2, steps_start=3, steps_end=2, output_type="latent")
+    by_id = pipe([1, 2], generator=torch.Generator().manual_seed(5), **kw).images
+    by_name = pipe(["Goldfish", "great_white_shark"], generator=torch.Generator().manual_seed(5), **kw).images
+    torch.testing.assert_close(by_name, by_id, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="'golden retreiver' is not an ImageNet class name. Did you mean "
+                                         "'golden retriever'"):
+        pipe("golden retreiver", num_iter=2)
+    with pytest.raises(ValueError, match="class id 207 is out of range"):  # the tiny model has 10 classes
+        pipe("golden retriever", num_iter=2)
+
+
 def test_bad_input(pipe):
-    with pytest.raises(ValueError, match=r"class labels must be in \[0, 10\)"):
+    with pytest.raises(ValueError, match=r"class id .* out of range: expected 0 … 9"):
         pipe(10, num_iter=2)
     with pytest.raises(ValueError, match="is empty"):
         pipe([], num_iter=2)
@@ -125,3 +137,14 @@ def test_wrong_size_checkpoint_and_too_many_iterations(pipe, tmp_path):
         pipe(1, num_iter=17)
     with pytest.raises(ValueError, match="steps_start ≥ steps_end"):
         pipe(1, num_iter=4, steps_start=2, steps_end=8)
+
+
+def test_graphed_head_gives_the_same_images(pipe):
+    """head_graphs=True on CPU runs GraphedHead's static-buffer path (captured graphs need CUDA): same tokens."""
+    kw = dict(num_iter=6, steps_start=9, steps_end=2, cfg=2.5, output_type="latent")
+    eager = pipe([1, 4, 4], generator=gen(3), head_graphs=False, **kw).images
+    graphed = pipe([1, 4, 4], generator=gen(3), head_graphs=True, **kw).images
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+    compat = dict(kw, step_schedule="disa-cosine", official_compat=True)
+    torch.testing.assert_close(pipe(7, generator=gen(4), head_graphs=True, **compat).images,
+                               pipe(7, generator=gen(4), head_graphs=False, **compat).images, rtol=1e-5, atol=1e-5)
