@@ -34,16 +34,19 @@ def gaussian_weights(height: int, width: int, var: float = 0.01, device=None, dt
     return torch.outer(axis(height), axis(width)).to(device=device, dtype=dtype)
 
 
-def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor, tile: int, overlap: int,
-                tiles_per_call: int = 4, on_tile: Callable[[int, int], None] | None = None) -> torch.Tensor:
+def tiled_apply(fn: Callable[..., torch.Tensor], latent: torch.Tensor, tile: int, overlap: int,
+                tiles_per_call: int = 4, on_tile: Callable[[int, int], None] | None = None,
+                aligned: tuple[tuple[torch.Tensor, int], ...] = ()) -> torch.Tensor:
     """Σ w·fn(tile) / Σ w over overlapping tiles of `latent` [B, C, H, W]; `fn` maps [N, C, h, w] → [N, C', h, w].
 
+    `aligned` = ((tensor, factor), …): tensors [B, C'', H·factor, W·factor] (e.g. the frames behind a latent) cut at
+    the same boxes scaled by `factor` and passed to `fn` as extra arguments, in order.
     Untiled (one call) when the latent fits in one tile. `on_tile(done, total)` reports progress."""
     if tile < 1 or overlap < 0:
         raise ValueError(f"tile must be ≥ 1 and overlap ≥ 0, got tile={tile}, overlap={overlap}.")
     b, _, h, w = latent.shape
     if h <= tile and w <= tile:
-        out = fn(latent)
+        out = fn(latent, *(t for t, _ in aligned))
         if on_tile is not None:
             on_tile(1, 1)
         return out
@@ -54,7 +57,9 @@ def tiled_apply(fn: Callable[[torch.Tensor], torch.Tensor], latent: torch.Tensor
     for i in range(0, len(boxes), tiles_per_call):
         chunk = boxes[i:i + tiles_per_call]
         batch = torch.cat([latent[:, :, y:y + th, x:x + tw] for y, x in chunk], dim=0)
-        result = fn(batch).float()
+        extra = [torch.cat([t[:, :, y * f:(y + th) * f, x * f:(x + tw) * f] for y, x in chunk], dim=0)
+                 for t, f in aligned]
+        result = fn(batch, *extra).float()
         if out is None:
             out = torch.zeros(b, result.shape[1], h, w, device=latent.device, dtype=torch.float32)
             norm = torch.zeros(1, 1, h, w, device=latent.device, dtype=torch.float32)

@@ -25,12 +25,17 @@ from .pipeline_one_step import unet_family
 
 LORA_ALPHA = 8  # peft's default, which the official LoraConfig(r=4, …) inherits: scale 8/4 = 2
 UNET_PARTS = ("encoder", "decoder", "others")
+SD_PARTS = ("unet", "vae", "bpp")  # state_dict_<part> entries of the official files
 LAYOUTS = {
     "osediff": "OSEDiff .pkl: vae_lora_encoder_modules, unet_lora_{encoder,decoder,others}_modules, rank_unet, "
                "rank_vae, state_dict_unet (LoRA + full conv_in), state_dict_vae",
     "pisa-sr": "PiSA-SR .pkl: unet_lora_{encoder,decoder,others}_modules_{pix,sem}, lora_rank_unet_{pix,sem}, "
                "state_dict_unet",
-    "swiftstep-sr": "swiftstep safetensors export (save_sr_weights): metadata `swiftstep_sr` + unet./vae. tensors",
+    "dloral": "DLoRAL model.pkl: unet_lora_{encoder,decoder,others}_modules_{quality,consistency}, "
+              "lora_rank_unet_{quality,consistency}, state_dict_unet (the whole UNet, 8-channel conv_in), "
+              "state_dict_bpp (the CFR module)",
+    "swiftstep-sr": "swiftstep safetensors export (save_sr_weights): metadata `swiftstep_sr` + unet./vae./bpp. "
+                    "tensors",
 }
 
 
@@ -39,9 +44,8 @@ def detect_layout(sd: dict) -> str:
         return "osediff"
     if "unet_lora_encoder_modules_pix" in sd and "state_dict_unet" in sd:
         return "pisa-sr"
-    if "unet_lora_encoder_modules_quality" in sd:
-        raise ValueError("This is a DLoRAL video SR checkpoint (quality/consistency adapters); load it with the video "
-                         "SR pipeline, not OneStepSRPipeline.")
+    if "unet_lora_encoder_modules_quality" in sd and "state_dict_unet" in sd:
+        return "dloral"
     known = "\n  ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
     raise ValueError(f"Unknown SR weights layout (top-level keys {sorted(sd)[:8]}); known layouts:\n  {known}")
 
@@ -60,7 +64,7 @@ def read_sr_weights(path: str | Path) -> dict:
                 raise ValueError(f"{path.name}: a safetensors file without `swiftstep_sr` metadata; expected one "
                                  f"written by save_sr_weights, or an official osediff.pkl / pisa_sr.pkl.")
             sd = json.loads(meta)
-            for part in ("unet", "vae"):
+            for part in SD_PARTS:
                 keys = [k for k in f.keys() if k.startswith(part + ".")]
                 if keys:
                     sd[f"state_dict_{part}"] = {k[len(part) + 1:]: f.get_tensor(k) for k in keys}
@@ -165,6 +169,9 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         source = Path(path).name
         sd = read_sr_weights(path)
         method = sd.get("method") or detect_layout(sd)
+        if method == "dloral":
+            raise ValueError(f"{source} is a DLoRAL video SR checkpoint (quality/consistency adapters, CFR module): "
+                             f"load it with swiftstep.pipelines.VideoSRPipeline, not OneStepSRPipeline.")
         if method not in ("osediff", "pisa-sr"):
             detect_layout({})
         _validate(sd, method, self.unet, self.vae, source)
@@ -226,7 +233,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         sd = self._sr_state
         meta = {k: v for k, v in sd.items() if not k.startswith("state_dict_")}
         meta.update(method=self.sr_method, lora_alpha=LORA_ALPHA, format="swiftstep-sr/1")
-        tensors = {f"{part}.{k}": v.contiguous() for part in ("unet", "vae")
+        tensors = {f"{part}.{k}": v.contiguous() for part in SD_PARTS
                    for k, v in sd.get(f"state_dict_{part}", {}).items()}
         path = Path(path)
         save_file(tensors, str(path), metadata={"swiftstep_sr": json.dumps(meta)})
