@@ -155,5 +155,8 @@ class CrossFrameRetrieval(ModelMixin, ConfigMixin):
             raise ValueError(f"{source}: `state_dict_bpp` does not match DLoRAL's CFR: "
                              f"{len(unknown)} unknown keys (e.g. {unknown[:2]}), {len(lacking)} missing "
                              f"(e.g. {lacking[:2]}).")
-        model.load_state_dict(used, strict=False)
+        try:
+            model.load_state_dict(used, strict=False)
+        except RuntimeError as e:  # shape mismatches
+            raise ValueError(f"{source}: `state_dict_bpp` does not fit DLoRAL's CFR: {e}") from None
         return model

@@ -25,6 +25,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
+from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from ..core import lora_sr, tiling, video_sr
@@ -211,7 +212,9 @@ class VideoSRPipeline(OneStepSRPipeline):
         chunk = chunk_frames or self._auto_chunk()
         pending = list(first)
         exhausted = False
-        with self.progress_bar(total=total) as progress:
+        bar = self.progress_bar(total=total) if total is not None else \
+            tqdm(**{"unit": "frame", **getattr(self, "_progress_bar_config", {})})  # unknown length: a count
+        with bar as progress:
             while pending or not exhausted:
                 while len(pending) < chunk and not exhausted:
                     nxt = next(it, None)
