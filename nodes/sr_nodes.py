@@ -1,6 +1,7 @@
-"""One-step LoRA super-resolution in ComfyUI: SwiftStepSRLoader → SwiftStepUpscale (IMAGE → IMAGE).
+"""One-step LoRA super-resolution in ComfyUI: SwiftStepSRLoader → SwiftStepUpscale (IMAGE → IMAGE) for OSEDiff /
+PiSA-SR, → SwiftStepVideoUpscale (frames → frames) for DLoRAL.
 
-ComfyUI has no model type for OSEDiff/PiSA-SR, so these nodes hold a `pipelines.OneStepSRPipeline`. The base model
+ComfyUI has no model type for these, so the nodes hold a `pipelines.OneStepSRPipeline` / `VideoSRPipeline`. The base model
 is an SD2.1-base diffusers folder in `models/diffusers/` (or a single-file checkpoint in `models/checkpoints/`,
 whose configs diffusers fetches once from the hub); SR weights live in `models/swiftstep/`.
 """
@@ -48,8 +49,11 @@ def load_sr_model(base: str, weights: str, dtype: str):
     import comfy.model_management
     import folder_paths
 
-    from ..pipelines.pipeline_sr import OneStepSRPipeline
+    from ..pipelines.pipeline_sr import OneStepSRPipeline, sr_method
+    from ..pipelines.pipeline_video_sr import VideoSRPipeline
 
+    weights_path = folder_paths.get_full_path_or_raise("swiftstep", weights)
+    pipeline_class = VideoSRPipeline if sr_method(weights_path) == "dloral" else OneStepSRPipeline
     kind, _, name = base.partition("/")
     torch_dtype = None if dtype == "auto" else getattr(torch, dtype)
     if kind == "diffusers":
@@ -58,13 +62,12 @@ def load_sr_model(base: str, weights: str, dtype: str):
         if path is None:
             raise FileNotFoundError(f"SwiftStepSRLoader: input `base`: no diffusers folder {name!r} under "
                                     f"models/diffusers.")
-        pipe = OneStepSRPipeline.from_pretrained(path, dtype=torch_dtype)
+        pipe = pipeline_class.from_pretrained(path, dtype=torch_dtype)
     elif kind == "checkpoints":
-        pipe = OneStepSRPipeline.from_single_file(folder_paths.get_full_path_or_raise("checkpoints", name),
-                                                  dtype=torch_dtype)
+        pipe = pipeline_class.from_single_file(folder_paths.get_full_path_or_raise("checkpoints", name),
+                                               dtype=torch_dtype)
     else:
         raise ValueError(f"SwiftStepSRLoader: input `base` must start with diffusers/ or checkpoints/, got {base!r}.")
-    weights_path = folder_paths.get_full_path_or_raise("swiftstep", weights)
     pipe.load_sr_weights(weights_path)
     pipe.set_progress_bar_config(disable=True)
     device = comfy.model_management.get_torch_device()
@@ -82,23 +85,25 @@ class SwiftStepSRLoader(io.ComfyNode):
         import folder_paths
 
         bases = base_choices() or ["diffusers/stable-diffusion-2-1-base"]
-        weights = folder_paths.get_filename_list("swiftstep") or ["pisa_sr.pkl"]
+        weights = folder_paths.get_filename_list("swiftstep") or ["pisa_sr.pkl", "osediff.pkl", "model.pkl"]
         return io.Schema(
             node_id="SwiftStepSRLoader",
-            display_name="SwiftStep SR Loader (OSEDiff / PiSA-SR)",
+            display_name="SwiftStep SR Loader (OSEDiff / PiSA-SR / DLoRAL)",
             category="swiftstep/upscale",
-            description="Loads an SD2.1-base model with OSEDiff or PiSA-SR one-step super-resolution weights.",
+            description="Loads an SD2.1-base model with one-step super-resolution weights: OSEDiff or PiSA-SR for "
+                        "images (SwiftStep Upscale), DLoRAL for video (SwiftStep Video Upscale).",
             inputs=[
                 io.Combo.Input("base", options=bases, default=bases[0],
                                tooltip="SD2.1-base: a diffusers folder in models/diffusers (offline), or a single "
                                        "checkpoint in models/checkpoints (configs fetched from the hub once)."),
                 io.Combo.Input("weights", options=weights, default=weights[0],
-                               tooltip="osediff.pkl, pisa_sr.pkl (the official files) or a swiftstep .safetensors "
-                                       "export, in models/swiftstep."),
+                               tooltip="osediff.pkl, pisa_sr.pkl, DLoRAL's model.pkl (the official files) or a "
+                                       "swiftstep .safetensors export, in models/swiftstep."),
                 io.Combo.Input("dtype", options=["auto", "float32", "float16", "bfloat16"], default="auto",
                                tooltip="auto: float16 on CUDA, float32 on the CPU."),
             ],
-            outputs=[SR_MODEL.Output(display_name="SR_MODEL", tooltip="For SwiftStep Upscale.")],
+            outputs=[SR_MODEL.Output(display_name="SR_MODEL",
+                                     tooltip="For SwiftStep Upscale (images) or SwiftStep Video Upscale (DLoRAL).")],
         )
 
     @classmethod
@@ -144,6 +149,9 @@ class SwiftStepUpscale(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
+        if getattr(sr_model, "sr_method", None) == "dloral":
+            raise ValueError("SwiftStepUpscale: input `sr_model` holds DLoRAL video weights; connect it to SwiftStep "
+                             "Video Upscale (frames in, frames out).")
         if tile_overlap >= tile_size:
             raise ValueError(f"SwiftStepUpscale: input `tile_overlap` ({tile_overlap}) must be smaller than "
                              f"`tile_size` ({tile_size}).")
@@ -161,4 +169,73 @@ class SwiftStepUpscale(io.ComfyNode):
         return io.NodeOutput(torch.cat(outs).to(comfy.model_management.intermediate_device()))
 
 
-NODES = [SwiftStepSRLoader, SwiftStepUpscale]
+class SwiftStepVideoUpscale(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="SwiftStepVideoUpscale",
+            display_name="SwiftStep Video Upscale (DLoRAL)",
+            category="swiftstep/upscale",
+            description="One-step video super-resolution with temporal consistency (DLoRAL): each frame is aligned "
+                        "to the previous one by optical flow and cross-frame attention. Every frame is output.",
+            inputs=[
+                SR_MODEL.Input("sr_model", tooltip="From SwiftStep SR Loader with DLoRAL's model.pkl."),
+                io.Image.Input("frames", tooltip="The clip as an image batch, in order (e.g. from a video loader); "
+                                                 "at least 2 frames of one size."),
+                io.Int.Input("upscale", default=4, min=1, max=8, tooltip="Scale factor (the weights are trained ×4)."),
+                io.Combo.Input("stages", options=["full", "consistency"], default="full",
+                               tooltip="full: detail + consistency LoRAs (official --stages 1); consistency: the "
+                                       "temporal-consistency LoRA only (--stages 0, smoother, less detail)."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="Text condition (the official script uses tags of the first frame)."),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="Match colours to each input frame: adain (official default), wavelet, none."),
+                io.Int.Input("tile_size", default=96, min=64, max=512, step=8,
+                             tooltip="Latent tile size (×8 px, at least 64 for the flow network); tiles are used "
+                                     "only when the frames need them."),
+                io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8,
+                             tooltip="Latent overlap between tiles, blended with Gaussian weights."),
+                io.Int.Input("min_side", default=512, min=512, max=4096, step=8,
+                             tooltip="Smaller frames are enlarged first so the output's short side reaches this "
+                                     "(at least 512: the flow network sees frames at 1/8)."),
+                io.Int.Input("chunk_frames", default=1, min=1, max=16,
+                             tooltip="Frames per batch on the GPU: faster with more, memory grows with it (not "
+                                     "with the clip length)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the VAE posterior samples, one per frame in order."),
+            ],
+            outputs=[io.Image.Output(tooltip="The upscaled frames, one per input frame.")],
+        )
+
+    @classmethod
+    def execute(cls, sr_model, frames, upscale, stages, prompt, color_fix, tile_size, tile_overlap, min_side,
+                chunk_frames, seed) -> io.NodeOutput:
+        import comfy.model_management
+        import comfy.utils
+
+        if getattr(sr_model, "sr_method", None) != "dloral":
+            raise ValueError(f"SwiftStepVideoUpscale: input `sr_model` holds {getattr(sr_model, 'sr_method', None)} "
+                             f"image weights; load DLoRAL's model.pkl in SwiftStep SR Loader (or use SwiftStep "
+                             f"Upscale for images).")
+        if tile_overlap >= tile_size:
+            raise ValueError(f"SwiftStepVideoUpscale: input `tile_overlap` ({tile_overlap}) must be smaller than "
+                             f"`tile_size` ({tile_size}).")
+        if frames.shape[0] < 2:
+            raise ValueError(f"SwiftStepVideoUpscale: input `frames` has {frames.shape[0]} frame; a video needs at "
+                             f"least 2 (use SwiftStep Upscale for a single image).")
+        clip = frames.permute(0, 3, 1, 2).float().cpu()  # IMAGE [N, H, W, C] → [N, C, H, W]
+        progress = comfy.utils.ProgressBar(clip.shape[0])
+
+        def on_frame(done, total):
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            progress.update_absolute(done, total)
+
+        device = comfy.model_management.intermediate_device()
+        outs = [frame.permute(1, 2, 0).to(device) for frame in sr_model.stream(
+            clip, upscale=upscale, prompt=prompt, stages=stages, color_fix=color_fix, tile_size=tile_size,
+            tile_overlap=tile_overlap, chunk_frames=chunk_frames, min_side=min_side,
+            generator=torch.Generator("cpu").manual_seed(seed), callback_on_frame=on_frame)]
+        return io.NodeOutput(torch.stack(outs))
+
+
+NODES = [SwiftStepSRLoader, SwiftStepUpscale, SwiftStepVideoUpscale]

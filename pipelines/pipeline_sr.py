@@ -69,10 +69,27 @@ def read_sr_weights(path: str | Path) -> dict:
                 if keys:
                     sd[f"state_dict_{part}"] = {k[len(part) + 1:]: f.get_tensor(k) for k in keys}
         return sd
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    try:  # memory-mapped: a DLoRAL model.pkl holds a whole UNet; tensors are read when copied into the model
+        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # pre-1.6 (non-zip) pickles cannot be mapped
+        sd = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path.name}: expected a dict of SR weights, found {type(sd).__name__}.")
     return sd
+
+
+def sr_method(path: str | Path) -> str:
+    """Which SR method a weights file holds ("osediff", "pisa-sr", "dloral"), without reading its tensors."""
+    path = Path(path)
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = (f.metadata() or {}).get("swiftstep_sr")
+        if meta is not None:
+            return json.loads(meta).get("method") or detect_layout(json.loads(meta))
+    sd = read_sr_weights(path)
+    return sd.get("method") or detect_layout(sd)
 
 
 def _copy_params(model, state: dict, wanted, what: str, source: str) -> None:

@@ -159,7 +159,10 @@ class VideoSRPipeline(OneStepSRPipeline):
             return iter(frames), len(frames)
         if isinstance(frames, Image.Image):
             return iter([frames]), 1
-        total = len(frames) if hasattr(frames, "__len__") else None
+        try:
+            total = len(frames)
+        except TypeError:  # a generator, or a reader that does not know its length
+            total = None
         return iter(frames), total
 
     def _encode_frames(self, x: torch.Tensor, vae_tile, generator) -> torch.Tensor:

@@ -94,3 +94,52 @@ def test_mar_writes_one_png_per_class(tmp_path):
     params = json.loads(image.text["swiftstep"])
     assert image.size == (64, 64) and params["schedule"] == "disa-linear" and params["class_name"] == "electric ray"
     assert main(["mar", "--class", "1", "--device", "cpu"]) == 2  # neither --model nor the official files
+
+
+def _write_video(path, frames=3, fps=12, audio=True):
+    import av
+
+    rng = np.random.default_rng(0)
+    scene = (rng.random((128, 128 + 4 * frames, 3)) * 255).astype(np.uint8)
+    with av.open(str(path), "w") as container:
+        video = container.add_stream("libx264", rate=fps)
+        video.width, video.height, video.pix_fmt = 128, 128, "yuv420p"
+        sound = container.add_stream("aac", rate=8000) if audio else None
+        for i in range(frames):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[:, 4 * i:4 * i + 128]), format="rgb24")
+            container.mux(video.encode(frame))
+        container.mux(video.encode())
+        if sound is not None:
+            samples = (np.sin(np.arange(8000 * frames // fps) / 5) * 0.3).astype(np.float32)[None]
+            block = av.AudioFrame.from_ndarray(samples, format="flt", layout="mono")
+            block.sample_rate = 8000
+            container.mux(sound.encode(block))
+            container.mux(sound.encode())
+
+
+def test_upscale_video_keeps_every_frame_the_frame_rate_and_the_audio(tmp_path):
+    import av
+
+    from swiftstep.pipelines import OneStepSRPipeline
+
+    from .video_fixtures import make_dloral_pkl, tiny_cfr, video_components
+
+    comps = video_components()
+    OneStepSRPipeline(**comps).save_pretrained(tmp_path / "sd21")
+    make_dloral_pkl(comps["unet"], tiny_cfr(), tmp_path / "model.pkl")
+    _write_video(tmp_path / "in.mp4")
+    rc = main(["upscale-video", str(tmp_path / "in.mp4"), "--out", str(tmp_path / "out.mp4"), "--base",
+               str(tmp_path / "sd21"), "--weights", str(tmp_path / "model.pkl"), "--device", "cpu", "--seed", "3"])
+    assert rc == 0
+    with av.open(str(tmp_path / "out.mp4")) as container:
+        video = container.streams.video[0]
+        assert video.average_rate == 12 and (video.width, video.height) == (512, 512)
+        assert container.streams.audio and container.streams.audio[0].sample_rate == 8000
+        assert sum(1 for _ in container.decode(video=0)) == 3  # every input frame, the first included
+        params = json.loads(container.metadata["comment"])
+    assert params["method"] == "dloral" and params["seed"] == 3 and params["fps"] == "12"
+    assert main(["upscale-video", str(tmp_path / "nope.mp4"), "--out", str(tmp_path / "o.mp4"), "--base",
+                 str(tmp_path / "sd21"), "--weights", str(tmp_path / "model.pkl"), "--device", "cpu"]) == 2
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    assert main(["upscale-video", str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "o.mp4"), "--base",
+                 str(tmp_path / "sd21"), "--weights", str(tmp_path / "model.pkl"), "--device", "cpu"]) == 2

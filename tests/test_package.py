@@ -25,7 +25,7 @@ def test_wheel_holds_only_the_swiftstep_package(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names if ".dist-info/" not in n}
     assert tops == {"swiftstep"}, tops  # never a top-level `nodes`/`pipelines` that would shadow ComfyUI's
-    for module in ("pipelines/pipeline_one_step.py", "cli.py", "core/disa.py", "models/mar.py",
+    for module in ("pipelines/pipeline_one_step.py", "cli.py", "video_io.py", "core/disa.py", "models/mar.py",
                    "kernels/flash_attn_triton.py", "nodes/sr_nodes.py", "nodes/__init__.py"):
         assert f"swiftstep/{module}" in names, module
     assert not any(n.startswith("swiftstep/tests/") for n in names)

@@ -23,7 +23,7 @@ def specs(monkeypatch):
 def test_there_are_workflows_for_each_family():
     names = {w.stem for w in WORKFLOWS}
     assert {"sd_turbo_one_step", "sdxl_dmd2_4step", "sd_turbo_negative_prompt_nasa", "pisa_sr_upscale",
-            "mar_disa_imagenet"} <= names
+            "mar_disa_imagenet", "dloral_video_upscale"} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
@@ -32,7 +32,7 @@ def test_workflow_matches_node_schemas(specs, path):
     assert workflow["version"] == 0.4
     assert validate(workflow, specs) == []
     prompt = to_api(workflow, specs)
-    assert any(n["class_type"] == "SaveImage" for n in prompt.values())
+    assert any(n["class_type"] in ("SaveImage", "SaveVideo") for n in prompt.values())
     notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
     assert notes and "huggingface.co/" in notes[0]["widgets_values"][0]  # says where to get the model files
 

@@ -3,7 +3,9 @@
 Node specs have the `/object_info` shape. Core nodes come from `tests/data/comfyui_0.3.64_core_nodes.json` (captured
 from a real ComfyUI 0.3.64); ours are derived from our `define_schema()` (see `our_specs`). Widget values in a UI
 workflow are positional, in `input_order`, with one extra value after every input that has
-`control_after_generate` (the frontend's "fixed/randomize" widget) — the rules the frontend itself applies.
+`control_after_generate` (the frontend's "fixed/randomize" widget) or an upload button (`image_upload`,
+`video_upload`); a widget whose input is linked still holds its slot (the link wins) — the rules the frontend
+itself applies.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ def spec_from_schema(schema) -> dict:
             "category": schema.category}
 
 
-def _widgets(spec: dict, linked: set[str]) -> list[tuple[str, str, dict]]:
-    """(name, type, options) of the widget inputs in order; a COMBO given as a list has its options inline."""
+def _widgets(spec: dict, linked: set[str] = frozenset()) -> list[tuple[str, str, dict]]:
+    """(name, type, options) of the widget inputs in order, leaving out those in `linked`; a COMBO given as a list
+    has its options inline."""
     out = []
     for section in ("required", "optional"):
         for name in spec["input_order"].get(section, []):
@@ -57,12 +60,14 @@ def assign_widgets(node: dict, spec: dict) -> dict:
     """{input name: value} for a UI node's widgets_values; raises ValueError on a count mismatch."""
     values = list(node.get("widgets_values") or [])
     out, pos = {}, 0
-    for name, kind, opts in _widgets(spec, _linked_inputs(node)):
+    linked = _linked_inputs(node)
+    for name, kind, opts in _widgets(spec):  # a linked widget keeps its slot; its value is not used
         if pos >= len(values):
             raise ValueError(f"node {node['id']} ({node['type']}): no value for widget `{name}`")
-        out[name] = values[pos]
-        # the frontend adds one widget after a seed ("fixed/randomize…") and after an image picker ("upload")
-        pos += 2 if opts.get("control_after_generate") or opts.get("image_upload") else 1
+        if name not in linked:
+            out[name] = values[pos]
+        # the frontend adds one widget after a seed ("fixed/randomize…") and after a file picker ("upload")
+        pos += 2 if opts.get("control_after_generate") or opts.get("image_upload") or opts.get("video_upload") else 1
     if pos != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {pos}")
     return out

@@ -133,22 +133,33 @@ def _mar_models(base: Path, cache: Path) -> None:
 
 
 def _sr_models(base: Path) -> None:
-    """For the SR workflow: a tiny SD2 diffusers folder, random PiSA-SR weights in the official layout, an input."""
+    """For the SR workflows: a tiny SD2 diffusers folder (8× VAE, as DLoRAL needs), random PiSA-SR and DLoRAL
+    weights in the official layouts, an input image and a 3-frame input video."""
+    import av
     import numpy as np
     from PIL import Image
 
-    from swiftstep.pipelines import OneStepPipeline
-    from swiftstep.tiny_models import build_components
+    from swiftstep.pipelines import OneStepSRPipeline
 
     from ..sr_fixtures import make_pisa_pkl
+    from ..video_fixtures import make_dloral_pkl, tiny_cfr, video_components
 
-    components = build_components("sd2")
-    OneStepPipeline(**components).save_pretrained(base / "models" / "diffusers" / "stable-diffusion-2-1-base")
+    components = video_components()
+    OneStepSRPipeline(**components).save_pretrained(base / "models" / "diffusers" / "stable-diffusion-2-1-base")
     (base / "models" / "swiftstep").mkdir(parents=True, exist_ok=True)
     make_pisa_pkl(components["unet"], base / "models" / "swiftstep" / "pisa_sr.pkl")
+    make_dloral_pkl(components["unet"], tiny_cfr(), base / "models" / "swiftstep" / "model.pkl")
     (base / "input").mkdir(exist_ok=True)
     rng = np.random.default_rng(0)
     Image.fromarray((rng.random((24, 32, 3)) * 255).astype(np.uint8)).save(base / "input" / "example.png")
+    with av.open(str(base / "input" / "example.mp4"), "w") as container:
+        stream = container.add_stream("libx264", rate=12)
+        stream.width, stream.height, stream.pix_fmt = 128, 128, "yuv420p"
+        scene = (rng.random((128, 140, 3)) * 255).astype(np.uint8)
+        for i in range(3):
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[:, i * 4:i * 4 + 128]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
 
 
 def _free_port() -> int:

@@ -19,7 +19,8 @@ def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
     assert ours == ["SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
-                    "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale"]
+                    "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale",
+                    "SwiftStepVideoUpscale"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
     log = (base_dir / "comfyui.log").read_text()
