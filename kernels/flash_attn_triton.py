@@ -204,3 +204,128 @@ def dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = No
                            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK_P=has_p,
                            HAS_MASK_N=has_n, FUSE_NASA=alpha is not None, PRECISION=_precision(q), **cfg)
     return out if alpha is not None else (out, out_neg)
+
+
+# ---------------------------------------------------------------- 8-bit self-attention (Hopper, opt-in)
+FP8_MAX = 448.0  # largest finite float8_e4m3fn
+INT8_MAX = 127.0
+QK_FORMATS = ("int8", "e4m3")
+
+
+@triton.jit
+def _e4m3_round(x):
+    """Round fp32 x to the nearest e4m3 value (ties away from zero), in fp32 arithmetic. Only for the CPU interpreter:
+    its fp32→e4m3 cast loses the exponent carry when rounding up across a power of two (127.9 → 64, not 128); GPUs
+    convert in hardware (round to nearest even)."""
+    a = tl.abs(x)
+    e = tl.maximum(tl.math.floor(tl.math.log2(tl.maximum(a, 1.0 / 512.0))), -6.0)  # subnormals: step 2^-9
+    step = tl.math.exp2(e - 3.0)
+    r = tl.minimum(tl.math.floor(a / step + 0.5) * step, 448.0)
+    return tl.where(x < 0, -r, r)
+
+
+@triton.jit
+def _fp8_fwd_kernel(Q8, K8, V8, Out, QS, KS, VS,
+                    stride_qb, stride_qh, stride_qm, stride_qd,
+                    stride_kb, stride_kh, stride_kn, stride_kd,
+                    stride_vb, stride_vh, stride_vn, stride_vd,
+                    stride_ob, stride_oh, stride_om, stride_od,
+                    H, LQ, LK, qk_scale,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    QK_INT8: tl.constexpr, EMULATE: tl.constexpr):
+    """FlashAttention-2 forward on 8-bit operands. Q and K: int8 (QK_INT8) or e4m3, one scale per token, dequantised
+    in the fp32 scores (s_ij = q8_i·k8_j · sq_i · sk_j); P·448 in e4m3 (its dequantisation folds into the row-sum
+    division); V e4m3 with one scale per channel (folded into the epilogue). EMULATE (the CPU interpreter) upcasts
+    the e4m3 operands to fp16 before the P·V dot — exact: every e4m3 value is an fp16 value, both accumulate in
+    fp32 — and rounds P with `_e4m3_round`."""
+    b, h, q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q8, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM,
+                                                  BLOCK_D, BLOCK_M)
+    bh = b * H + h
+    q_scale = tl.load(QS + bh * LQ + offs_m, mask=m_ok, other=0.0) * qk_scale
+    if EMULATE and not QK_INT8:
+        q = q.to(tl.float16)
+    K = K8 + b * stride_kb + h * stride_kh
+    V = V8 + b * stride_vb + h * stride_vh
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < LK
+        k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [D, BN]
+        k_scale = tl.load(KS + bh * LK + cols, mask=n_ok, other=0.0)
+        if QK_INT8:
+            qk = tl.dot(q, k, out_dtype=tl.int32).to(tl.float32)
+        else:
+            if EMULATE:
+                k = k.to(tl.float16)
+            qk = tl.dot(q, k, out_dtype=tl.float32)
+        qk = qk * q_scale[:, None] * k_scale[None, :]  # log2 units
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        p = tl.math.exp2(qk - m_ij[:, None])
+        alpha = tl.math.exp2(m_i - m_ij)
+        acc = acc * alpha[:, None]
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D] e4m3 (V stored channel-major)
+        if EMULATE:
+            acc = tl.dot(_e4m3_round(p * 448.0).to(tl.float16), v.to(tl.float16), acc, out_dtype=tl.float32)
+        else:
+            acc = tl.dot((p * 448.0).to(tl.float8e4nv), v, acc, out_dtype=tl.float32)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_ij
+    v_scale = tl.load(VS + bh * HEAD_DIM + offs_d, mask=d_ok, other=0.0)
+    out = acc / (l_i[:, None] * 448.0) * v_scale[None, :]
+    tl.store(Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
+             out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+
+
+def quantize_tokens(x: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """8-bit copy of x [B, H, L, D] with one scale per token: x8 = x / s, s = amax(|x_token|) / 127 (int8, rounded
+    to nearest) or / 448 (e4m3)."""
+    x = x.float()
+    top = INT8_MAX if fmt == "int8" else FP8_MAX
+    scale = (x.abs().amax(-1) / top).clamp_min(1e-12)  # [B, H, L]
+    y = x / scale[..., None]
+    x8 = y.round().clamp(-INT8_MAX, INT8_MAX).to(torch.int8) if fmt == "int8" else y.to(torch.float8_e4m3fn)
+    return x8, scale.contiguous()
+
+
+def quantize_8bit(q, k, v, qk_format: str = "int8"):
+    """What the 8-bit kernel reads: Q per token; K smoothed (minus its per-head mean over keys: softmax is invariant
+    to it, and it narrows K's range) and per token; V e4m3 per channel, stored channel-major (Hopper's FP8 MMA wants
+    the P·V operand K-major)."""
+    if qk_format not in QK_FORMATS:
+        raise ValueError(f"qk_format must be one of {QK_FORMATS}, got {qk_format!r}.")
+    q8, qs = quantize_tokens(q, qk_format)
+    k8, ks = quantize_tokens(k.float() - k.float().mean(dim=2, keepdim=True), qk_format)
+    vs = (v.float().abs().amax(dim=2) / FP8_MAX).clamp_min(1e-12)  # [B, H, D]
+    v8 = (v.float() / vs[:, :, None, :]).transpose(-1, -2).contiguous().to(torch.float8_e4m3fn).transpose(-1, -2)
+    return q8, qs, k8, ks, v8, vs.contiguous()
+
+
+def fp8_config(head_dim: int) -> dict:
+    """Block sizes for the 8-bit kernel (BLOCK_N ≥ 32 for 8-bit MMA shapes). Untuned: no GPU measured them yet."""
+    if head_dim <= 64:
+        return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
+
+
+def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v with 8-bit operands (self-attention: no mask); q/k/v fp16/bf16/fp32 [B, H, L, D];
+    output in q's dtype. `qk_format`: "int8" (SageAttention2's choice; cosine ≥ 0.999 vs exact in the tests) or
+    "e4m3" (pure FP8: ≈ 0.9987 on random inputs, below that)."""
+    _check(q, k, v)
+    B, H, LQ, D = q.shape
+    LK = k.shape[2]
+    cfg = dict(config or fp8_config(D))
+    q8, qs, k8, ks, v8, vs = quantize_8bit(q, k, v, qk_format)
+    out = torch.empty_like(q)
+    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
+    _fp8_fwd_kernel[grid](q8, k8, v8, out, qs, ks, vs, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
+                          H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E,
+                          HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), QK_INT8=qk_format == "int8",
+                          EMULATE=not q.is_cuda, **cfg)
+    return out

@@ -12,9 +12,12 @@ from .. import kernels
 class SwiftStepAttnProcessor:
     """Self- or cross-attention for diffusers `Attention` modules; subclasses change only `attend`."""
 
-    def __init__(self, qk_norm_before_heads: bool = False, backend: str | None = None):
+    def __init__(self, qk_norm_before_heads: bool = False, backend: str | None = None,
+                 self_attention_8bit: str | None = None):
         self.qk_norm_before_heads = qk_norm_before_heads  # SanaAttnProcessor2_0 normalises q/k before the split
         self.backend = backend
+        self.self_attention_8bit = self_attention_8bit  # None, "int8" or "e4m3" (opt-in, see kernels.attention_8bit)
+        self._is_self = False
 
     @staticmethod
     def _heads(attn, x, batch, head_dim):
@@ -26,7 +29,10 @@ class SwiftStepAttnProcessor:
 
     def attend(self, attn, query, key, value, attention_mask) -> torch.Tensor:
         """[B, H, L, D] q/k/v → [B, L, H·D], before the output projection."""
-        z = kernels.attention(query, key, value, mask=attention_mask, backend=self.backend)
+        if self.self_attention_8bit and self._is_self and attention_mask is None:
+            z = kernels.attention_8bit(query, key, value, qk_format=self.self_attention_8bit, backend=self.backend)
+        else:
+            z = kernels.attention(query, key, value, mask=attention_mask, backend=self.backend)
         return self._merge(attn, z, query.dtype)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -48,6 +54,7 @@ class SwiftStepAttnProcessor:
             hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
 
         query = attn.to_q(hidden_states)  # SNOOPI eqs. 7–8 share W_q: Q is projected once
+        self._is_self = encoder_hidden_states is None
         if encoder_hidden_states is None:
             encoder_hidden_states = hidden_states
         elif attn.norm_cross:
@@ -83,10 +90,12 @@ REPLACEABLE = ("AttnProcessor2_0", "SanaAttnProcessor2_0", "AttnProcessor")
 
 
 class AttentionHandle:
-    def __init__(self, model, backend: str | None = None):
+    def __init__(self, model, backend: str | None = None, self_attention_8bit: str | None = None):
+        if self_attention_8bit not in (None, "int8", "e4m3"):
+            raise ValueError(f"`self_attention_8bit` must be None, 'int8' or 'e4m3', got {self_attention_8bit!r}.")
         self.model = model
         self.original = dict(model.attn_processors)
-        patched = {n: SwiftStepAttnProcessor(type(p).__name__ == "SanaAttnProcessor2_0", backend)
+        patched = {n: SwiftStepAttnProcessor(type(p).__name__ == "SanaAttnProcessor2_0", backend, self_attention_8bit)
                    for n, p in self.original.items() if type(p).__name__ in REPLACEABLE}
         if not patched:
             kinds = sorted({type(p).__name__ for p in self.original.values()})
@@ -99,6 +108,9 @@ class AttentionHandle:
         self.model.set_attn_processor(dict(self.original))
 
 
-def apply_swiftstep_attention(model, backend: str | None = None) -> AttentionHandle:
-    """Route every standard attention of `model` (UNet, PixArt, SANA cross-attention) through `swiftstep.kernels`."""
-    return AttentionHandle(model, backend)
+def apply_swiftstep_attention(model, backend: str | None = None,
+                              self_attention_8bit: str | None = None) -> AttentionHandle:
+    """Route every standard attention of `model` (UNet, PixArt, SANA cross-attention) through `swiftstep.kernels`.
+    `self_attention_8bit="int8"` (or "e4m3") runs unmasked self-attention through the opt-in 8-bit kernel where the
+    GPU has e4m3 MMA (sm89+), exact SDPA elsewhere."""
+    return AttentionHandle(model, backend, self_attention_8bit)

@@ -64,3 +64,27 @@ def test_masks_and_upcasts_stay_with_comfyui(node):
     node.TritonAttentionOverride("triton")(original, q, k, v, 2, mask=torch.zeros(37, 21))
     node.TritonAttentionOverride("triton")(original, q.half(), k.half(), v.half(), 2, attn_precision=torch.float32)
     assert len(ran) == 2
+
+
+def test_8bit_self_attention_is_opt_in_and_self_only(node, monkeypatch):
+    pytest.importorskip("triton")
+    from swiftstep import kernels
+
+    ran = []
+    real = kernels.attention_8bit
+    monkeypatch.setattr(kernels, "attention_8bit", lambda *a, **kw: ran.append(kw["qk_format"]) or real(*a, **kw))
+    q, k, v = qkv(lq=40, lk=40, d=64, seed=2)
+    ref = fakes.optimized_attention(q, k, v, 2)
+    fail = lambda *a, **kw: pytest.fail("original ran")  # noqa: E731
+    out = node.TritonAttentionOverride("triton", "int8")(fail, q, k, v, 2)
+    assert ran == ["int8"] and out.shape == ref.shape
+    cos = torch.nn.functional.cosine_similarity(out.flatten().double(), ref.flatten().double(), dim=0)
+    assert cos >= 0.999
+    qc, kc, vc = qkv(lq=40, lk=21, d=64, seed=3)  # cross-attention: the exact kernel
+    node.TritonAttentionOverride("triton", "int8")(fail, qc, kc, vc, 2)
+    node.TritonAttentionOverride("triton")(fail, q, k, v, 2)  # off by default
+    assert ran == ["int8"]
+    (m,) = node.SwiftStepTritonAttention.execute(patcher(), "auto", "e4m3").args
+    assert m.model_options["transformer_options"]["optimized_attention_override"].self_attention_8bit == "e4m3"
+    with pytest.raises(ValueError, match="input `self_attention_8bit` must be one of"):
+        node.SwiftStepTritonAttention.execute(patcher(), "auto", "fp4")
