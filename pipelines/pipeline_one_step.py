@@ -131,6 +131,10 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         except (ValueError, KeyError) as e:
             raise ValueError(f"{source}: not a LoRA layout diffusers can read (diffusers/peft or kohya): {e}") from e
         lora_check.check_targets(state_dict, self, source)
+        if getattr(self, "fast_path", None) is not None:
+            self.fast_path.clear_prompts()  # text-encoder LoRAs change the embeddings
+            if self.fast_path.graphs is not None:
+                self.fast_path.graphs.clear()
         before = {a for v in self.get_list_adapters().values() for a in v}
         # The file is read a second time here on purpose: diffusers takes the alphas from the file's metadata
         # (peft `lora_alpha`) only when it reads the file itself; a converted dict would lose them.
@@ -150,6 +154,27 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         if not new:
             raise ValueError(f"{source}: no LoRA layer was created; 0 of {len(state_dict)} keys match this pipeline.")
         lora_check.check_loaded(state_dict, self, new[0], source)
+
+    # ------------------------------------------------------------------ fast path
+    def enable_fast_path(self, cuda_graph: bool = True, compile: bool = False, channels_last: bool = True,
+                         fused_attention: bool = True, cache_prompts: bool = True, tiny_vae=None):
+        """Turn on the fast path (see `pipelines.fast_path`): CUDA-graph replay of sampling + decode per shape,
+        optional `torch.compile`, channels-last weights, the attention kernels, prompt-embedding caching and an
+        optional TAESD tiny decoder (`tiny_vae=` a taesd_decoder file, an AutoencoderTiny folder or instance).
+        Parts that cannot run here are skipped with one log line. Returns the `FastPath` (`.active` lists what is
+        on); `disable_fast_path()` undoes everything. Move the pipeline to its device first."""
+        from .fast_path import FastPath
+
+        self.disable_fast_path()
+        self.fast_path = FastPath(self, cuda_graph=cuda_graph, compile=compile, channels_last=channels_last,
+                                  fused_attention=fused_attention, cache_prompts=cache_prompts, tiny_vae=tiny_vae)
+        return self.fast_path
+
+    def disable_fast_path(self) -> None:
+        fast = getattr(self, "fast_path", None)
+        if fast is not None:
+            fast.disable()
+        self.fast_path = None
 
     # ------------------------------------------------------------------ helpers
     def _check_preset(self, preset: Preset) -> None:
@@ -193,6 +218,13 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         # `_execution_device` and `.dtype` walk every module: look them up once per call, not per use.
         device = device or self._execution_device
         dtype = self.unet.dtype
+        fast = getattr(self, "fast_path", None)
+        if fast is not None:
+            key = (tuple(prompt), num_images_per_prompt, str(device), dtype)
+            return fast.cached_prompt(key, lambda: self._encode_prompt(prompt, num_images_per_prompt, device, dtype))
+        return self._encode_prompt(prompt, num_images_per_prompt, device, dtype)
+
+    def _encode_prompt(self, prompt, num_images_per_prompt, device, dtype):
         if self.family != "sdxl":
             embeds = self.text_encoder(self._tokenize(self.tokenizer, prompt, device))[0]
             pooled = None
@@ -408,6 +440,20 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         def noise() -> torch.Tensor:
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
 
+        # 5a. Fast path: the whole loop and the decode replayed from a CUDA graph for this signature
+        fast = getattr(self, "fast_path", None)
+        if fast is not None and fast.graphs is not None and callback_on_step_end is None and settings is None:
+            with self.progress_bar(total=len(sampler)) as progress:
+                latents, image = self._graphed_call(fast, sampler, latents, noise, prompt_embeds, added_cond_kwargs,
+                                                    timestep_cond, cross_attention_kwargs, output_type != "latent")
+                progress.update(len(sampler))
+            if output_type == "latent":
+                images = latents
+            else:
+                images = self.image_processor.postprocess(image, output_type=output_type)
+            self.maybe_free_model_hooks()
+            return ImagePipelineOutput(images=images) if return_dict else (images,)
+
         # 5. Sampling loop
         x0, finite = latents, []
         with self.progress_bar(total=len(sampler)) as progress, contextlib.ExitStack() as cleanup:
@@ -448,9 +494,63 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             return (images,)
         return ImagePipelineOutput(images=images)
 
+    def _graphed_call(self, fast, sampler, latents, noise, prompt_embeds, added_cond_kwargs, timestep_cond,
+                      cross_attention_kwargs, decode: bool):
+        """Sampling (and decode) as a pure function of static buffers, run by `fast.graphs`: every re-noising draw
+        is taken from the generator up front in the eager order, the timesteps are device tensors, and finiteness is
+        checked once after the replay. A VAE that must decode in float32 (fp16 with `force_upcast`) decodes after
+        the graph; an fp16 overflow falls back to `decode_latents`."""
+        draws = [0]
+        for i in range(len(sampler)):  # which steps re-noise depends on the step index only
+            sampler.step(torch.zeros(1), i, torch.zeros(1), lambda: draws.__setitem__(0, draws[0] + 1) or torch.zeros(1))
+        noises = [noise() for _ in range(draws[0])]
+        flow = sampler.schedule.kind == "flow"
+        steps = torch.tensor([sampler.model_timestep(i) for i in range(len(sampler))], device=latents.device,
+                             dtype=torch.float32 if flow else torch.long)
+        tiny = fast.tiny_decoder
+        in_graph_decode = decode and (tiny is not None or not (self.vae.dtype == torch.float16 and
+                                                                self.vae.config.get("force_upcast", False)))
+        added = added_cond_kwargs or {}
+        inputs = {"latents": latents, "embeds": prompt_embeds, "steps": steps, "text_embeds": added.get("text_embeds"),
+                  "time_ids": added.get("time_ids"), "timestep_cond": timestep_cond}
+
+        def run(buf, noise_bufs):
+            it = iter(noise_bufs)
+            x = buf["latents"]
+            extra = None if buf["text_embeds"] is None else {"text_embeds": buf["text_embeds"],
+                                                            "time_ids": buf["time_ids"]}
+            for i in range(len(sampler)):
+                out = self.unet(x, buf["steps"][i], encoder_hidden_states=buf["embeds"],
+                                timestep_cond=buf["timestep_cond"], added_cond_kwargs=extra,
+                                cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+                x, _ = sampler.step(out, i, x, lambda: next(it))
+            finite = torch.isfinite(x).all()
+            if not in_graph_decode:
+                return x, None, finite
+            if tiny is not None:
+                return x, tiny.decode(x.to(tiny.dtype), return_dict=False)[0], finite
+            z = x.to(self.vae.dtype) / self.vae.config.scaling_factor
+            if self.vae.config.get("shift_factor") is not None:
+                z = z + self.vae.config.shift_factor
+            return x, self.vae.decode(z, return_dict=False)[0], finite
+
+        key = (tuple(latents.shape), latents.dtype, tuple(sampler.timesteps), sampler.rule, sampler.prediction_type,
+               sampler.timestep_shift, repr(cross_attention_kwargs), timestep_cond is not None, in_graph_decode)
+        latents, image, finite = fast.graphs(key, run, inputs, noises)
+        if not bool(finite):
+            raise FloatingPointError(f"NaN/inf in latents after sampling in {latents.dtype}; run the UNet in "
+                                     f"bfloat16 or float32 (`dtype=torch.bfloat16`).")
+        if decode and (image is None or (tiny is None and not torch.isfinite(image).all())):
+            image = self.decode_latents(latents)  # float32 decode (force_upcast, or an fp16 overflow), eagerly
+        return latents, image
+
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
         """VAE decode to [-1, 1]. An fp16 VAE decodes in float32 where its config asks (`force_upcast`, SDXL) or
         when the fp16 decode overflows (NaN/inf), which is logged once; NaN after that is an error."""
+        fast = getattr(self, "fast_path", None)
+        if fast is not None and fast.tiny_decoder is not None:  # TAESD: the latents as the UNet makes them
+            tiny = fast.tiny_decoder
+            return tiny.decode(latents.to(tiny.dtype), return_dict=False)[0]
         vae = self.vae
         dtype = vae.dtype
 

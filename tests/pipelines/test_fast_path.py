@@ -1,0 +1,163 @@
+"""OneStepPipeline.enable_fast_path(): the same images as the plain path, each part reversible, prompt caching, the
+TAESD tiny decoder from its public file layout, and the CUDA-graph call's static-buffer logic (run eagerly on the
+CPU; the capture itself needs a GPU: test_cuda_graph_replay_matches_eager)."""
+
+import logging
+
+import pytest
+import torch
+from diffusers import AutoencoderTiny
+from safetensors.torch import save_file
+
+from swiftstep.pipelines import OneStepPipeline
+from swiftstep.pipelines.fast_path import GraphedCall, load_tiny_decoder, taesd_to_diffusers
+
+from ..fixtures import gen
+
+PROMPT = "a lighthouse at dawn"
+CASES = [("sd2", dict(preset="sd-turbo")), ("sdxl", dict(preset="dmd2-sdxl-4step")),
+         ("sd1", dict(preset="lcm", num_inference_steps=2)), ("sd1", dict(preset="tcd", gamma=0.5))]
+
+
+@pytest.fixture(scope="module")
+def pipes(models):
+    out = {f: OneStepPipeline.from_pretrained(models[f]["folder"]) for f in ("sd1", "sd2", "sdxl")}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out
+
+
+def run(pipe, seed=0, **kw):
+    return pipe(PROMPT, generator=gen(seed), output_type="pt", **kw).images
+
+
+@pytest.mark.parametrize("family, kw", CASES, ids=["sd-turbo", "dmd2-4step", "lcm", "tcd-gamma"])
+def test_fast_path_gives_the_plain_images_and_undoes_itself(pipes, family, kw):
+    pipe = pipes[family]
+    plain = run(pipe, **kw)
+    fast = pipe.enable_fast_path()
+    try:
+        assert fast.active == ["channels_last", "fused_attention", "cache_prompts"]  # no CUDA: no graphs
+        assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(run(pipe, **kw), plain, rtol=0, atol=1e-3)
+        fast.graphs = GraphedCall(capture=False)  # the graph call's buffers and pre-drawn noise, run eagerly
+        torch.testing.assert_close(run(pipe, **kw), plain, rtol=0, atol=1e-3)
+        torch.testing.assert_close(run(pipe, seed=5, **kw), run_plain(pipe, 5, kw), rtol=0, atol=1e-3)
+        assert len(fast.graphs._graphs) == 1  # one signature, buffers refilled for the second seed
+    finally:
+        pipe.disable_fast_path()
+    assert pipe.unet.conv_in.weight.is_contiguous()
+    assert all(type(p).__name__ == "AttnProcessor2_0" for p in pipe.unet.attn_processors.values())
+    torch.testing.assert_close(run(pipe, **kw), plain, rtol=0, atol=0)
+
+
+def run_plain(pipe, seed, kw):
+    fast = pipe.fast_path
+    graphs, fast.graphs = fast.graphs, None
+    try:
+        return run(pipe, seed=seed, **kw)
+    finally:
+        fast.graphs = graphs
+
+
+def test_graph_call_keeps_seeds_and_batches_and_new_shapes(pipes):
+    pipe = pipes["sdxl"]
+    kw = dict(preset="dmd2-sdxl-4step", num_images_per_prompt=2)
+    plain = run(pipe, seed=3, **kw)
+    pipe.enable_fast_path(channels_last=False, fused_attention=False).graphs = GraphedCall(capture=False)
+    try:
+        torch.testing.assert_close(run(pipe, seed=3, **kw), plain, rtol=0, atol=1e-5)
+        small = run(pipe, seed=3, preset="dmd2-sdxl-4step", height=48, width=64)
+        assert small.shape[-2:] == (48, 64) and len(pipe.fast_path.graphs._graphs) == 2
+        lat = pipe(PROMPT, preset="dmd2-sdxl-4step", generator=gen(3), output_type="latent").images
+        assert lat.shape[1] == 4
+    finally:
+        pipe.disable_fast_path()
+
+
+def test_prompts_are_encoded_once(pipes):
+    pipe = pipes["sd2"]
+    calls = []
+    hook = pipe.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        pipe.enable_fast_path(channels_last=False, fused_attention=False)
+        for seed in range(3):
+            run(pipe, seed=seed, preset="sd-turbo")
+        assert len(calls) == 1
+        run(pipe, preset="sd-turbo", num_images_per_prompt=2)
+        assert len(calls) == 2  # another key
+        pipe.fast_path.clear_prompts()
+        run(pipe, preset="sd-turbo")
+        assert len(calls) == 3
+    finally:
+        hook.remove()
+        pipe.disable_fast_path()
+
+
+def _taesd_file(tmp_path, seed=0):
+    """A random TAESD decoder saved in the original layout (`nn.Sequential` indices with the Clamp at 0)."""
+    torch.manual_seed(seed)
+    tiny = AutoencoderTiny().eval()
+    original = {f"{int(k.split('.')[2]) + 1}.{k.split('.', 3)[3]}": v.clone()
+                for k, v in tiny.state_dict().items() if k.startswith("decoder.layers.")}
+    assert "1.weight" in original and "3.conv.0.weight" in original  # the published key names
+    save_file(original, str(tmp_path / "taesd_decoder.safetensors"))
+    return tiny, tmp_path / "taesd_decoder.safetensors"
+
+
+def test_tiny_decoder_loads_the_published_layout_and_decodes(pipes, tmp_path):
+    reference, path = _taesd_file(tmp_path)
+    tiny = load_tiny_decoder(path)
+    z = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny.decode(z).sample, reference.decode(z).sample, rtol=0, atol=0)
+    pipe = pipes["sd2"]  # its tiny VAE upsamples ×2: a ×2 TAESD-architecture decoder
+    with pytest.raises(ValueError, match=r"the tiny VAE upsamples ×8; this pipeline's VAE ×2"):
+        pipe.enable_fast_path(tiny_vae=path)
+    assert pipe.fast_path is None and pipe.unet.conv_in.weight.is_contiguous()  # nothing left half-applied
+    torch.manual_seed(1)
+    small = AutoencoderTiny(encoder_block_out_channels=(16, 16), decoder_block_out_channels=(16, 16),
+                            num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).eval()
+    full = run(pipe, preset="sd-turbo")
+    pipe.enable_fast_path(tiny_vae=small)
+    try:
+        assert "tiny_vae" in pipe.fast_path.active
+        preview = run(pipe, preset="sd-turbo")
+        assert preview.shape == full.shape and torch.isfinite(preview).all()
+        assert (preview - full).abs().mean() > 0.01  # an approximation of the VAE, not the VAE
+    finally:
+        pipe.disable_fast_path()
+    torch.testing.assert_close(run(pipe, preset="sd-turbo"), full, rtol=0, atol=0)
+    save_file({"encoder.weight": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a TAESD decoder key: 'encoder.weight'"):
+        load_tiny_decoder(tmp_path / "other.safetensors")
+    with pytest.raises(FileNotFoundError, match="No tiny VAE at"):
+        load_tiny_decoder(tmp_path / "missing.safetensors")
+    assert taesd_to_diffusers({"decoder.1.weight": 1}) == {"decoder.layers.0.weight": 1}
+
+
+def test_parts_that_cannot_run_say_so_once(pipes, caplog):
+    pipe = pipes["sd2"]
+    with caplog.at_level(logging.INFO, logger="swiftstep"):
+        pipe.enable_fast_path(compile=True, channels_last=False, fused_attention=False)
+    try:
+        assert pipe.unet._compiled_call_impl is not None and "compile" in pipe.fast_path.active
+        assert "cuda_graph" not in pipe.fast_path.active
+    finally:
+        pipe.disable_fast_path()
+    assert pipe.unet._compiled_call_impl is None
+    assert sum("CUDA graphs need CUDA" in r.getMessage() for r in caplog.records) <= 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_replay_matches_eager(models):
+    pipe = OneStepPipeline.from_pretrained(models["sdxl"]["folder"]).to("cuda")
+    pipe.set_progress_bar_config(disable=True)
+    plain = run(pipe, preset="dmd2-sdxl-4step")
+    fast = pipe.enable_fast_path()
+    assert "cuda_graph" in fast.active
+    for seed in (0, 0, 1):
+        out = run(pipe, seed=seed, preset="dmd2-sdxl-4step")
+        if seed == 0:
+            torch.testing.assert_close(out, plain, rtol=0, atol=1e-3)
+    assert fast.graphs.replays == 3
