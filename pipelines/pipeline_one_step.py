@@ -170,6 +170,46 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                                   fused_attention=fused_attention, cache_prompts=cache_prompts, tiny_vae=tiny_vae)
         return self.fast_path
 
+    def generate_stream(self, prompts, batch_size: int = 8, seed: int = 0, output_type: str = "pil", **kwargs):
+        """Throughput mode: prompts (any iterable, e.g. a queue reader) in, one image per prompt out, in order.
+
+        Prompts are batched `batch_size` at a time; image k uses `torch.Generator().manual_seed(seed + k)`, so the
+        images do not depend on the batching. On CUDA each batch's images are copied to pinned host memory
+        asynchronously and converted while the next batch runs. `kwargs` go to `__call__` (preset, steps, size…).
+        With the fast path on, each batch size is captured once and replayed."""
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt' for streaming, got {output_type!r}.")
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be ≥ 1, got {batch_size}.")
+        it, index, pending = iter(prompts), seed, None
+        while True:
+            batch = [p for _, p in zip(range(batch_size), it)]
+            current = None
+            if batch:
+                generators = [torch.Generator().manual_seed(index + j) for j in range(len(batch))]
+                index += len(batch)
+                images = self(batch, generator=generators, output_type="pt", **kwargs).images
+                if images.is_cuda:
+                    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
+                    host.copy_(images, non_blocking=True)
+                    event = torch.cuda.Event()
+                    event.record()
+                    current = (host, event)
+                else:
+                    current = (images, None)
+            if pending is not None:  # the previous batch, converted while this one ran
+                host, event = pending
+                if event is not None:
+                    event.synchronize()
+                if output_type == "pt":
+                    yield from host.clone()
+                else:
+                    arrays = host.float().permute(0, 2, 3, 1).numpy()
+                    yield from (arrays if output_type == "np" else self.image_processor.numpy_to_pil(arrays))
+            if not batch:
+                return
+            pending = current
+
     def disable_fast_path(self) -> None:
         fast = getattr(self, "fast_path", None)
         if fast is not None:

@@ -161,3 +161,20 @@ def test_cuda_graph_replay_matches_eager(models):
         if seed == 0:
             torch.testing.assert_close(out, plain, rtol=0, atol=1e-3)
     assert fast.graphs.replays == 3
+
+
+def test_stream_yields_one_image_per_prompt_in_order_independent_of_batching(pipes):
+    pipe = pipes["sd2"]
+    prompts = [f"{PROMPT} #{i}" for i in range(5)]
+    by3 = list(pipe.generate_stream(iter(prompts), batch_size=3, seed=10, preset="sd-turbo", output_type="pt"))
+    by2 = list(pipe.generate_stream(prompts, batch_size=2, seed=10, preset="sd-turbo", output_type="pt"))
+    assert len(by3) == len(by2) == 5
+    for a, b in zip(by3, by2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+    one = pipe(prompts[3], generator=gen(13), preset="sd-turbo", output_type="pt").images[0]
+    torch.testing.assert_close(by3[3], one, rtol=0, atol=1e-5)  # image k uses seed + k
+    pil = list(pipe.generate_stream(prompts[:2], batch_size=8, preset="sd-turbo"))
+    assert [im.size for im in pil] == [(32, 32)] * 2
+    assert list(pipe.generate_stream([], preset="sd-turbo")) == []
+    with pytest.raises(ValueError, match="batch_size"):
+        list(pipe.generate_stream(prompts, batch_size=0))
