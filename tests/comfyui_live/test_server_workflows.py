@@ -18,7 +18,7 @@ from .conftest import TEST_SIZE, get_json as _get
 def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
-    assert ours == ["SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
+    assert ours == ["SwiftStepFastPath", "SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
                     "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale",
                     "SwiftStepVideoUpscale"]
     for name in ours:
