@@ -22,6 +22,8 @@ import logging
 
 import torch
 
+from . import cuda_graphs
+
 logger = logging.getLogger("swiftstep")
 
 _KS = (64, 32, 16, 8, 4, 2, 1)
@@ -165,18 +167,11 @@ class GraphedHead:
         """Capture k steps. Warm-up runs mutate x and the index, so both are saved and restored around it."""
         saved_x, saved_i = buf.x.clone(), buf.index.clone()
         try:
-            buf.index.fill_(k - 1)
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self._steps(net, buf, k)
-            torch.cuda.current_stream().wait_stream(side)
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
-            graph = torch.cuda.CUDAGraph()
-            buf.index.fill_(k - 1)
-            with torch.cuda.graph(graph, pool=self._pool):
-                self._steps(net, buf, k)
+
+            graph, _ = cuda_graphs.capture(lambda: self._steps(net, buf, k), self._pool,
+                                           prepare=lambda: buf.index.fill_(k - 1))  # the reset stays out of the graph
         except Exception as e:  # noqa: BLE001 — any capture failure: eager is always correct
             if not self._warned:
                 logger.warning("swiftstep: CUDA-graph capture of the MAR head failed (%s); running it eagerly.", e)

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..core import cuda_graphs
+
 logger = logging.getLogger("swiftstep")
 
 PROMPT_CACHE_SIZE = 64
@@ -133,17 +135,9 @@ class GraphedCall:
         return tuple(None if t is None else t.clone() for t in g.outputs)
 
     def _capture(self, g: _Graph, fn) -> None:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn(g.inputs, g.noise)  # warm-up: cuDNN/cuBLAS workspaces, autotuning
-        torch.cuda.current_stream().wait_stream(side)
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            g.outputs = fn(g.inputs, g.noise)
-        g.graph = graph
+        g.graph, g.outputs = cuda_graphs.capture(lambda: fn(g.inputs, g.noise), self._pool)
 
     def clear(self) -> None:
         self._graphs.clear()
