@@ -87,6 +87,7 @@ class VideoSRPipeline(OneStepSRPipeline):
             for name, value in unet_state.items():
                 params[name].copy_(value.to(params[name].dtype))
         self.register_modules(cfr=cfr.to(self.unet.device, self.unet.dtype).eval())
+        # the UNet now holds base + consistency ΔW, i.e. the "consistency" stage; "full" adds the quality ΔW
         self.sr_method, self._sr_state, self.stage = "dloral", sd, "consistency"
         self._set_stage("full")
         return "dloral"
