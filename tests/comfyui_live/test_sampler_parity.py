@@ -153,3 +153,35 @@ def test_nasa_node_with_the_core_ksampler_at_cfg_1(comfy_inprocess, mode):
     (off,) = nasa_nodes.SwiftStepNASA.execute(patcher, [[negative, {}]], mode, 0.0, 1.0, 2.5, 0.5).args
     assert (ksample(patched) - plain).abs().max() > 1e-3
     assert torch.equal(ksample(off), plain)
+
+
+def test_fast_path_node_keeps_the_latents_with_the_core_ksampler(comfy_inprocess):
+    """SwiftStepFastPath through ComfyUI's own sampling: on the CPU the model calls run eagerly (channels-last), and
+    with the graph runner's static buffers forced (run eagerly) the real conditioning dicts go through the graph
+    call's signature and buffer handling — the latents stay those of the plain model."""
+    import comfy.sample
+
+    from swiftstep.nodes import fast_path_nodes
+    from swiftstep.pipelines.fast_path import GraphedCall
+
+    pipe = OneStepPipeline(**build_components("sd1"))
+    patcher = comfy_model(comfy_inprocess, pipe)
+    embeds, _ = pipe.encode_prompt([PROMPT])
+    latent = torch.zeros(1, 4, 16, 16)
+
+    def ksample(model, cfg=1.0):
+        noise = comfy.sample.prepare_noise(latent, 5)
+        pos, neg = [[embeds, {}]], [[torch.zeros_like(embeds), {}]]
+        return comfy.sample.sample(model, noise, 4, cfg, "lcm", "sgm_uniform", pos, neg, latent, disable_pbar=True,
+                                   seed=5)
+
+    plain, plain_cfg = ksample(patcher), ksample(patcher, cfg=2.0)
+    (fast,) = fast_path_nodes.SwiftStepFastPath.execute(patcher, True, True, "auto").args
+    assert "model_function_wrapper" not in patcher.model_options
+    eager = ksample(fast)
+    torch.testing.assert_close(eager, plain, rtol=0, atol=1e-3)  # channels-last convolutions round differently
+    wrapper = fast.model_options["model_function_wrapper"]
+    wrapper.graphs = GraphedCall(capture=False)
+    torch.testing.assert_close(ksample(fast), eager, rtol=0, atol=1e-6)
+    torch.testing.assert_close(ksample(fast, cfg=2.0), plain_cfg, rtol=0, atol=1e-3)  # cond+uncond batches
+    assert len(wrapper.graphs._graphs) >= 2  # one signature per batch layout, reused across steps
