@@ -107,6 +107,10 @@ class GraphedHead:
 
     # ------------------------------------------------------------------ internals
     def _buffers_for(self, net, n, use_cfg, steps, z) -> _Buffers:
+        signature = tuple(p.data_ptr() for p in net.parameters())
+        if signature != getattr(self, "_signature", None):  # the head moved (.to(), offload): graphs are stale
+            self._buffers.clear()
+            self._signature = signature
         key = (_bucket(n), use_cfg)
         buf = self._buffers.get(key)
         if buf is None or buf.cap < steps or buf.x.device != z.device or buf.x.dtype != z.dtype:

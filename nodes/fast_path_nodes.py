@@ -34,11 +34,13 @@ class FastPathWrapper:
             self._said.add(why)
             logger.info("swiftstep fast path (ComfyUI): model calls run eagerly: %s", why)
 
-    def _why_eager(self, x, c) -> str:
+    def _why_eager(self, x, c, model) -> str:
         if self.previous is not None:
             return "the model already has a model_function_wrapper"
         if self.graphs is None and not x.is_cuda:
             return f"CUDA graphs need CUDA (the model runs on {x.device.type})"
+        if getattr(model, "model_lowvram", False):
+            return "the model is partially loaded (lowvram): its weights move during each call"
         options = c.get("transformer_options", {}) or {}
         if options.get("patches") or options.get("patches_replace"):
             return "attention/block patches are installed (their inputs change per step)"
@@ -52,17 +54,20 @@ class FastPathWrapper:
         x, t, c = args["input"], args["timestep"], dict(args["c"])
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        why = self._why_eager(x, c) if self.cuda_graph else "cuda_graph is off"
+        model = getattr(apply_model, "__self__", None)
+        why = self._why_eager(x, c, model) if self.cuda_graph else "cuda_graph is off"
         if why:
             if self.cuda_graph:
                 self._say(why)
             if self.previous is not None:
                 return self.previous(apply_model, {**args, "input": x, "c": c})
             return apply_model(x, t, **c)
-        from ..pipelines.fast_path import GraphedCall
+        from ..pipelines.fast_path import GraphedCall, weights_signature
 
         if self.graphs is None:
             self.graphs = GraphedCall(capture=True)
+        if isinstance(model, torch.nn.Module):  # loads, offloads and LoRA patches move weights: capture again
+            self.graphs.validate(weights_signature(model))
         options = dict(c.pop("transformer_options", {}) or {})
         tensors = {k: v for k, v in c.items() if v is not None}
         inputs = {"x": x, "t": t, **{f"c.{k}": v for k, v in tensors.items()}}

@@ -102,16 +102,30 @@ class _Graph:
         self.graph = None
 
 
+def weights_signature(*modules) -> tuple:
+    """Where every parameter of `modules` lives: a graph replays kernels on fixed addresses, so weights that moved
+    (offload, `.to()`, a LoRA patched in by replacement) make every captured graph stale."""
+    return tuple(p.data_ptr() for m in modules if m is not None for p in m.parameters())
+
+
 class GraphedCall:
     """Runs `fn(inputs, noise) -> tuple of tensors (or None)` from static buffers: captured in a CUDA graph once per
     key and replayed on CUDA; executed eagerly from the same buffers when `capture` is False (that is what the CPU
-    tests compare with the plain path)."""
+    tests compare with the plain path). `validate(signature)` drops every graph when the weights moved."""
 
     def __init__(self, capture: bool):
         self.capture = capture
         self._graphs: dict = {}
         self._pool = None
+        self._signature = None
         self.replays = 0
+
+    def validate(self, signature: tuple) -> None:
+        if signature != self._signature:
+            if self._graphs:
+                _say_once("the weights moved since the graphs were captured; capturing again")
+            self._graphs.clear()
+            self._signature = signature
 
     def __call__(self, key, fn, inputs: dict, noise: list[torch.Tensor]) -> tuple:
         g = self._graphs.get(key)

@@ -482,7 +482,8 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
 
         # 5a. Fast path: the whole loop and the decode replayed from a CUDA graph for this signature
         fast = getattr(self, "fast_path", None)
-        if fast is not None and fast.graphs is not None and callback_on_step_end is None and settings is None:
+        if fast is not None and fast.graphs is not None and callback_on_step_end is None and settings is None \
+                and self._graphable(fast):
             with self.progress_bar(total=len(sampler)) as progress:
                 latents, image = self._graphed_call(fast, sampler, latents, noise, prompt_embeds, added_cond_kwargs,
                                                     timestep_cond, cross_attention_kwargs, output_type != "latent")
@@ -533,6 +534,20 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    def _graphable(self, fast) -> bool:
+        """Unmerged LoRA adapters bake their scales into a graph (and `set_adapters` would not reach it): those calls
+        run eagerly, said once. Otherwise the graphs are checked against where the weights live now."""
+        from .fast_path import _say_once, weights_signature
+
+        if getattr(self.unet, "peft_config", None):
+            from peft.tuners.tuners_utils import BaseTunerLayer
+
+            if any(isinstance(m, BaseTunerLayer) and not m.merged for m in self.unet.modules()):
+                _say_once("unmerged LoRA adapters: sampling runs eagerly (fuse_lora() them to use CUDA graphs)")
+                return False
+        fast.graphs.validate(weights_signature(self.unet, self.vae, fast.tiny_decoder))
+        return True
 
     def _graphed_call(self, fast, sampler, latents, noise, prompt_embeds, added_cond_kwargs, timestep_cond,
                       cross_attention_kwargs, decode: bool):

@@ -90,3 +90,18 @@ def test_cuda_graphs_match_the_eager_head():
             got = runner(net, z, diffusion, 1.0, cfg, draws(steps))
             torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
     assert runner.capture is not False and runner.replays > 0  # captured, not the eager fallback
+
+
+def test_buffers_and_graphs_are_rebuilt_when_the_head_moves():
+    net = head_net()
+    runner = CPUGraphs()
+    z = torch.randn(6, 12)
+    with torch.no_grad():
+        runner(net, z, disa.HeadDiffusion(5), 1.0, 2.0, draws(0))
+        before = dict(runner._buffers)
+        for p in net.parameters():  # what .to(device) and back does: new storage
+            p.data = p.data.clone()
+        got = runner(net, z, disa.HeadDiffusion(5), 1.0, 2.0, draws(0))
+        ref = disa.head_sample(net, z, disa.HeadDiffusion(5), 1.0, 2.0, draws(0))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    assert all(runner._buffers[k] is not before[k] for k in before)

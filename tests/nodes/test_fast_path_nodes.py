@@ -87,3 +87,31 @@ def test_patches_controlnets_and_other_wrappers_stay_eager(node):
     with torch.no_grad():
         cpu(apply_model, args(2))
     assert cpu.graphs is None
+
+
+def test_lowvram_models_and_moved_weights_are_never_replayed_stale(node):
+    from swiftstep.pipelines.fast_path import GraphedCall
+
+    class Model(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.model_lowvram = False
+
+        def apply_model(self, x, t, c_crossattn=None, transformer_options=None, **kw):
+            return self.conv(x) * t.view(-1, 1, 1, 1) + c_crossattn.mean()
+
+    model = Model()
+    wrapper = node.FastPathWrapper(channels_last=False, cuda_graph=True, graphs=GraphedCall(capture=False))
+    with torch.no_grad():
+        wrapper(model.apply_model, args(0))
+        first = dict(wrapper.graphs._graphs)
+        model.conv.weight.data = model.conv.weight.data.clone()
+        a = args(1)
+        torch.testing.assert_close(wrapper(model.apply_model, a), direct(model.apply_model, a))
+        assert wrapper.graphs._graphs.keys() == first.keys() and all(
+            wrapper.graphs._graphs[k] is not first[k] for k in first)
+        model.model_lowvram = True
+        wrapper.graphs.clear()
+        wrapper(model.apply_model, args(2))
+        assert wrapper.graphs._graphs == {}

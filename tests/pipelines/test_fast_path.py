@@ -178,3 +178,28 @@ def test_stream_yields_one_image_per_prompt_in_order_independent_of_batching(pip
     assert list(pipe.generate_stream([], preset="sd-turbo")) == []
     with pytest.raises(ValueError, match="batch_size"):
         list(pipe.generate_stream(prompts, batch_size=0))
+
+
+def test_graphs_are_dropped_when_weights_move_and_skipped_for_unmerged_loras(pipes):
+    pipe = pipes["sd2"]
+    plain = run(pipe, preset="sd-turbo")
+    fast = pipe.enable_fast_path(channels_last=False, fused_attention=False)
+    fast.graphs = GraphedCall(capture=False)
+    try:
+        run(pipe, preset="sd-turbo")
+        first = next(iter(fast.graphs._graphs.values()))
+        with torch.no_grad():  # what offloading or a LoRA patched in by replacement does: new storage
+            pipe.unet.conv_in.weight.data = pipe.unet.conv_in.weight.data.clone()
+        torch.testing.assert_close(run(pipe, preset="sd-turbo"), plain, rtol=0, atol=1e-5)
+        assert next(iter(fast.graphs._graphs.values())) is not first  # captured again, not replayed stale
+        from peft import LoraConfig
+
+        pipe.unet.add_adapter(LoraConfig(r=2, target_modules=["to_q"]), "extra")
+        try:
+            fast.graphs.clear()
+            run(pipe, preset="sd-turbo")
+            assert fast.graphs._graphs == {}  # unmerged adapters: eager
+        finally:
+            pipe.unet.delete_adapters("extra")
+    finally:
+        pipe.disable_fast_path()
