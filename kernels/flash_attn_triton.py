@@ -25,6 +25,15 @@ LOG2E = 1.4426950408889634  # 1/ln 2: the kernels use exp2
 
 
 @triton.jit
+def _softmax_step(qk, n_ok, m_i):
+    """One online-softmax update for a [BM, BN] score tile in log2 units (ragged key tail masked): the new row
+    maxima, the tile's unnormalised probabilities and the factor that rescales what was accumulated before."""
+    qk = tl.where(n_ok[None, :], qk, float("-inf"))
+    m_ij = tl.maximum(m_i, tl.max(qk, 1))
+    return tl.math.exp2(qk - m_ij[:, None]), tl.math.exp2(m_i - m_ij), m_ij
+
+
+@triton.jit
 def _attend(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale, offs_d,
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
@@ -43,10 +52,7 @@ def _attend(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, strid
         if HAS_MASK:
             bias = tl.load(bias_ptr + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             qk = qk + bias[None, :] * 1.4426950408889634
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
+        p, alpha, m_ij = _softmax_step(qk, n_ok, m_i)
         acc = acc * alpha[:, None]
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
@@ -263,10 +269,7 @@ def _fp8_fwd_kernel(Q8, K8, V8, Out, QS, KS, VS,
                 k = k.to(tl.float16)
             qk = tl.dot(q, k, out_dtype=tl.float32)
         qk = qk * q_scale[:, None] * k_scale[None, :]  # log2 units
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        p = tl.math.exp2(qk - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
+        p, alpha, m_ij = _softmax_step(qk, n_ok, m_i)
         acc = acc * alpha[:, None]
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D] e4m3 (V stored channel-major)

@@ -38,3 +38,12 @@ def stock_pipeline(pipe: OneStepPipeline, scheduler):
 
 def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
+
+
+def load_pipes(models: dict, families=("sd1", "sd2", "sdxl")) -> dict:
+    """family → OneStepPipeline from the session's tiny folders, progress bars off (one set per test module, so a
+    module's changes to its pipelines stay in it)."""
+    out = {f: OneStepPipeline.from_pretrained(models[f]["folder"]) for f in families}
+    for p in out.values():
+        p.set_progress_bar_config(disable=True)
+    return out

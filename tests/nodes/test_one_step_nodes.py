@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from swiftstep.core.presets import PRESETS
-from swiftstep.pipelines import OneStepPipeline
 
 from .. import comfy_fakes as fakes
-from ..fixtures import gen
+from ..fixtures import gen, load_pipes
 
 PROMPT = "a lighthouse at dusk"
 
@@ -28,10 +27,7 @@ def nodes(comfy):
 
 @pytest.fixture(scope="module")
 def pipes(models):
-    out = {f: OneStepPipeline.from_pretrained(models[f]["folder"]) for f in ("sd1", "sd2", "sdxl")}
-    for p in out.values():
-        p.set_progress_bar_config(disable=True)
-    return out
+    return load_pipes(models)
 
 
 def patcher_for(pipe, kind=fakes.EPS, config=None):

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 from swiftstep.pipelines import OneStepPipeline
 from swiftstep.pipelines.fast_path import GraphedCall, load_tiny_decoder, taesd_to_diffusers
 
-from ..fixtures import gen
+from ..fixtures import gen, load_pipes
 
 PROMPT = "a lighthouse at dawn"
 CASES = [("sd2", dict(preset="sd-turbo")), ("sdxl", dict(preset="dmd2-sdxl-4step")),
@@ -21,10 +21,7 @@ CASES = [("sd2", dict(preset="sd-turbo")), ("sdxl", dict(preset="dmd2-sdxl-4step
 
 @pytest.fixture(scope="module")
 def pipes(models):
-    out = {f: OneStepPipeline.from_pretrained(models[f]["folder"]) for f in ("sd1", "sd2", "sdxl")}
-    for p in out.values():
-        p.set_progress_bar_config(disable=True)
-    return out
+    return load_pipes(models)
 
 
 def run(pipe, seed=0, **kw):
