@@ -29,6 +29,11 @@ class FastPathWrapper:
         self.graphs = graphs  # a GraphedCall, made on first CUDA use (tests pass one that runs eagerly)
         self._said: set[str] = set()
 
+    def release(self, *_args) -> None:
+        """Drop every graph and its memory (ComfyUI calls this when it unloads the model: ON_DETACH)."""
+        if self.graphs is not None:
+            self.graphs.clear()
+
     def _say(self, why: str) -> None:
         if why not in self._said:
             self._said.add(why)
@@ -124,8 +129,14 @@ class SwiftStepFastPath(io.ComfyNode):
                              f"{attention!r}.")
         m = model.clone()
         options = dict(m.model_options)
-        options["model_function_wrapper"] = FastPathWrapper(channels_last, cuda_graph,
-                                                            previous=options.get("model_function_wrapper"))
+        wrapper = FastPathWrapper(channels_last, cuda_graph, previous=options.get("model_function_wrapper"))
+        options["model_function_wrapper"] = wrapper
+        try:  # graphs hold GPU memory: free it when ComfyUI unloads this model
+            from comfy.patcher_extension import CallbacksMP
+
+            m.add_callback_with_key(CallbacksMP.ON_DETACH, "swiftstep_fast_path", wrapper.release)
+        except (ImportError, AttributeError):  # ComfyUI without patcher callbacks: freed with the MODEL object
+            pass
         if attention != "off":
             transformer = dict(options.get("transformer_options", {}))
             transformer["optimized_attention_override"] = TritonAttentionOverride(attention)

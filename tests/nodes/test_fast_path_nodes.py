@@ -115,3 +115,15 @@ def test_lowvram_models_and_moved_weights_are_never_replayed_stale(node):
         wrapper.graphs.clear()
         wrapper(model.apply_model, args(2))
         assert wrapper.graphs._graphs == {}
+
+
+def test_release_drops_the_graphs(node):
+    from swiftstep.pipelines.fast_path import GraphedCall
+
+    apply_model, _ = apply_model_factory()
+    wrapper = node.FastPathWrapper(channels_last=False, cuda_graph=True, graphs=GraphedCall(capture=False))
+    with torch.no_grad():
+        wrapper(apply_model, args(0))
+    assert wrapper.graphs._graphs
+    wrapper.release()
+    assert wrapper.graphs._graphs == {}
