@@ -60,15 +60,28 @@ def generate(args) -> list[Path]:
     preset = pipe.resolve_preset(args.preset)
     timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
     sampler = pipe.make_sampler(preset, args.steps, timesteps, args.gamma)
+    image = None
+    if args.image:
+        from PIL import Image
+
+        if not Path(args.image).is_file():
+            raise FileNotFoundError(f"No input image at {Path(args.image).resolve()}.")
+        image = Image.open(args.image).convert("RGB")
+        sampler = pipe._img2img_sampler(sampler, args.strength)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    height, width = args.height or size, args.width or size
+    default_h, default_w = (image.height, image.width) if image is not None else (size, size)
+    height, width = args.height or default_h, args.width or default_w
+    if image is not None:
+        height, width = height - height % pipe.vae_scale_factor, width - width % pipe.vae_scale_factor
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     images = pipe(args.prompt, height=height, width=width, preset=args.preset, num_inference_steps=args.steps,
                   timesteps=timesteps, gamma=args.gamma, num_images_per_prompt=args.num_images,
-                  generator=generator).images
+                  generator=generator, image=image, strength=args.strength).images
     params = {"prompt": args.prompt, "model": args.model, "preset": preset.name if preset else None,
               "steps": len(sampler), "timesteps": [int(t) if t.is_integer() else t for t in sampler.timesteps],
               "gamma": args.gamma, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
+    if image is not None:
+        params.update(image=str(args.image), strength=args.strength)
     out = Path(args.out)
     paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
@@ -164,7 +177,8 @@ def selftest(args) -> list[Path]:
         folder = save_folder("sd2", Path(tmp) / "tiny-sd2")
         ns = argparse.Namespace(model=str(folder), config=None, prompt="a tiny random test image", preset="sd-turbo",
                                 steps=None, timesteps=None, gamma=None, seed=0, height=None, width=None,
-                                num_images=1, dtype="float32", device="cpu", out=args.out)
+                                num_images=1, dtype="float32", device="cpu", out=args.out, image=None,
+                                strength=0.5)
         paths = generate(ns)
     from PIL import Image
 
@@ -179,7 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"swiftstep {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="text-to-image with a one-/few-step model")
+    g = sub.add_parser("generate", help="text-to-image (or image-to-image) with a one-/few-step model")
     g.add_argument("--model", required=True, help="diffusers folder, hub id, or original .safetensors/.ckpt file")
     g.add_argument("--config", help="for a single file: a local diffusers folder of the same family (offline)")
     g.add_argument("--prompt", required=True)
@@ -191,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
     g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--image", help="image-to-image: start from this picture (SD-Turbo's card: --steps 2, strength 0.5)")
+    g.add_argument("--strength", type=float, default=0.5,
+                   help="with --image: the last ⌊steps·strength⌋ timesteps run on the picture")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
     g.add_argument("--device", default="cuda" if _cuda() else "cpu")
     g.add_argument("--out", default="swiftstep.png")

@@ -170,8 +170,11 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                                   fused_attention=fused_attention, cache_prompts=cache_prompts, tiny_vae=tiny_vae)
         return self.fast_path
 
-    def generate_stream(self, prompts, batch_size: int = 8, seed: int = 0, output_type: str = "pil", **kwargs):
+    def generate_stream(self, prompts, batch_size: int = 8, seed: int = 0, output_type: str = "pil", images=None,
+                        **kwargs):
         """Throughput mode: prompts (any iterable, e.g. a queue reader) in, one image per prompt out, in order.
+        With `images` (an iterable beside the prompts: one picture per prompt) each runs image-to-image
+        (`strength=` in kwargs).
 
         Prompts are batched `batch_size` at a time; image k uses `torch.Generator().manual_seed(seed + k)`, so the
         images do not depend on the batching. On CUDA each batch's images are copied to pinned host memory
@@ -181,22 +184,26 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt' for streaming, got {output_type!r}.")
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be ≥ 1, got {batch_size}.")
-        it, index, pending = iter(prompts), seed, None
+        it = iter(prompts) if images is None else zip(prompts, images)
+        index, pending = seed, None
         while True:
             batch = [p for _, p in zip(range(batch_size), it)]
             current = None
             if batch:
                 generators = [torch.Generator().manual_seed(index + j) for j in range(len(batch))]
                 index += len(batch)
-                images = self(batch, generator=generators, output_type="pt", **kwargs).images
-                if images.is_cuda:
-                    host = torch.empty(images.shape, dtype=images.dtype, pin_memory=True)
-                    host.copy_(images, non_blocking=True)
+                if images is not None:
+                    batch, pictures = [p for p, _ in batch], [im for _, im in batch]
+                    kwargs["image"] = pictures
+                out = self(batch, generator=generators, output_type="pt", **kwargs).images
+                if out.is_cuda:
+                    host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+                    host.copy_(out, non_blocking=True)
                     event = torch.cuda.Event()
                     event.record()
                     current = (host, event)
                 else:
-                    current = (images, None)
+                    current = (out, None)
             if pending is not None:  # the previous batch, converted while this one ran
                 host, event = pending
                 if event is not None:
@@ -402,8 +409,10 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         nag_scale: float | None = None,
         nag_tau: float | None = None,
         nag_alpha: float | None = None,
+        image=None,
+        strength: float = 0.5,
     ):
-        r"""Generate images.
+        r"""Generate images (text-to-image, or image-to-image with `image`).
 
         Args:
             prompt: text prompt(s).
@@ -423,11 +432,18 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             guidance: "nasa" (Z+ − α·Z−) or "nag" (normalized attention guidance).
             nasa_scale: NASA α; default: the preset's, else the family's (SD1.5 0.1, SD2.1 0.2, SDXL 0.2).
             nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α; defaults per family from the NAG paper.
+            image: start from this image (PIL, numpy or torch in [0, 1], one or one per prompt) instead of pure
+                noise: its VAE posterior sample is noised to the first kept timestep (diffusers' img2img recipe).
+            strength: the share of the schedule that runs on `image`: the last ⌊steps·strength⌋ timesteps (as
+                diffusers' img2img pipelines; SD-Turbo's card: 2 steps at strength 0.5). Needs steps·strength ≥ 1.
 
         Returns:
             `ImagePipelineOutput` with `.images`, or a tuple `(images,)`.
         """
         # 1. Check inputs
+        if image is not None:
+            image = self.image_processor.preprocess(image, height=height, width=width)
+            height, width = image.shape[-2:]
         default_size = self.unet.config.sample_size * self.vae_scale_factor
         height = default_size if height is None else height
         width = default_size if width is None else width
@@ -435,6 +451,8 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                           callback_on_step_end_tensor_inputs)
         preset_obj = self.resolve_preset(preset)
         sampler = self.make_sampler(preset_obj, num_inference_steps, timesteps, gamma)
+        if image is not None:
+            sampler = self._img2img_sampler(sampler, strength)
         self._interrupt = False
         device, dtype = self._execution_device, self.unet.dtype
 
@@ -467,9 +485,13 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             settings = self._guidance_settings(guidance, preset_obj, nasa_scale, nag_scale, nag_tau, nag_alpha)
             nasa_processor.make_context(**settings)  # validate before anything is installed
 
-        # 4. Initial noise (first generator draw)
+        # 4. Initial noise (first generator draw; image-to-image: the posterior sample first, as diffusers)
         shape = (batch, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
+        if image is not None:
+            if latents is not None:
+                raise ValueError("Pass either `image` or `latents`, not both.")
+            latents = self._noised_image_latents(image, batch, shape, sampler, generator, device, dtype)
+        elif latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
             latents = latents * sampler.initial_scale()
         elif tuple(latents.shape) != shape:
@@ -534,6 +556,33 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+    @staticmethod
+    def _img2img_sampler(sampler, strength: float):
+        """diffusers' img2img rule (`get_timesteps`): run the last ⌊N·strength⌋ of the N timesteps."""
+        n = len(sampler)
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"`strength` must be in (0, 1], got {strength}.")
+        keep = min(int(n * strength), n)
+        if keep < 1:
+            raise ValueError(f"{n} step(s) × strength {strength} leaves no step to run; use more steps "
+                             f"(`num_inference_steps`) or a higher strength (SD-Turbo's card: 2 steps, 0.5).")
+        return onestep.FewStepSampler(sampler.schedule, sampler.timesteps[n - keep:], sampler.prediction_type,
+                                      sampler.rule, sampler.timestep_shift, sampler.init_noise)
+
+    def _noised_image_latents(self, image, batch, shape, sampler, generator, device, dtype):
+        """x = a(t₀)·z + b(t₀)·ε for the image's VAE posterior sample z (× scaling factor): the VP form of
+        diffusers' `scheduler.add_noise` at the first kept timestep. Draws: the posterior sample, then ε."""
+        if batch % image.shape[0]:
+            raise ValueError(f"{image.shape[0]} images for {batch} images to make: pass one, or one per prompt.")
+        image = image.to(device=device, dtype=self.vae.dtype)
+        z = self.vae.encode(image).latent_dist.sample(generator) * self.vae.config.scaling_factor
+        if self.vae.config.get("shift_factor") is not None:
+            z = z - self.vae.config.shift_factor * self.vae.config.scaling_factor
+        z = z.to(dtype).repeat_interleave(batch // z.shape[0], dim=0)  # one per prompt → its num_images_per_prompt
+        noise = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        a, b = sampler.schedule.scales(sampler.timesteps[0])
+        return (a * z + b * noise).to(dtype)
 
     def _graphable(self, fast) -> bool:
         """Unmerged LoRA adapters bake their scales into a graph (and `set_adapters` would not reach it): those calls
