@@ -318,8 +318,9 @@ def fp8_config(head_dim: int) -> dict:
 
 def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: dict | None = None) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v with 8-bit operands (self-attention: no mask); q/k/v fp16/bf16/fp32 [B, H, L, D];
-    output in q's dtype. `qk_format`: "int8" (SageAttention2's choice; cosine ≥ 0.999 vs exact in the tests) or
-    "e4m3" (pure FP8: ≈ 0.9987 on random inputs, below that)."""
+    output in q's dtype. Head dims are padded to ≥ 32 in registers (8-bit MMAs reduce over 32). `qk_format`:
+    "int8" (SageAttention2's choice; cosine ≥ 0.999 vs exact in the tests) or "e4m3" (pure FP8: ≈ 0.9987 on random
+    inputs, below that)."""
     _check(q, k, v)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -329,6 +330,6 @@ def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: di
     grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
     _fp8_fwd_kernel[grid](q8, k8, v8, out, qs, ks, vs, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
                           H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E,
-                          HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), QK_INT8=qk_format == "int8",
+                          HEAD_DIM=D, BLOCK_D=max(32, triton.next_power_of_2(D)), QK_INT8=qk_format == "int8",
                           EMULATE=not q.is_cuda, **cfg)
     return out
