@@ -7,7 +7,8 @@ Rows per model and batch size (1 and 8): the stock pipeline (StableDiffusionPipe
 Euler trailing, 1 step, no CFG — the SD-Turbo / SDXL-Turbo recipes), OneStepPipeline plain, and OneStepPipeline
 with `enable_fast_path()` (CUDA graphs, channels-last, kernel attention, cached prompt) and with the TAESD-
 architecture tiny decoder as well. Latency is prompt in → image tensor out (median), images/s = batch / latency,
-"× stock" the speed-up; "max |Δ|" compares with the stock images (the tiny decoder is an approximation).
+"× stock" the speed-up; "max |Δ|" compares with the stock images (the tiny decoder is an approximation). After the
+batch-1 rows, each component alone (text encoders, one UNet call, VAE decode; eager) says what dominates.
 Issue targets on an H100: SD2.1 512² batch 1 ≤ 15 ms (≥ 4.5× stock), SDXL 1024² batch 1 ≤ 60 ms.
 Benchmarks are not tests: nothing here asserts a timing.
 """
@@ -83,6 +84,21 @@ def main():
                 diff = (out.float().cpu() - ref.float().cpu()).abs().max().item()
                 print(f"{family.upper() + f' {side}²':<14}{batch:>6}  {name:<28}{t * 1e3:>9.1f}{batch / t:>9.1f}"
                       f"{t_stock / t:>9.2f}{diff:>10.1e}")
+            if batch == 1:  # what is left to speed up: each component alone, eager (the issue asks which dominates)
+                with torch.inference_mode():
+                    embeds, pooled = ours.encode_prompt(prompts)
+                    lat = torch.randn(1, 4, side // ours.vae_scale_factor, side // ours.vae_scale_factor,
+                                      device=device, dtype=dtype)
+                    extra = None
+                    if family == "sdxl":
+                        extra = {"text_embeds": pooled, "time_ids": ours._add_time_ids((side, side), (0, 0),
+                                 (side, side), 1, device, dtype)}
+                    t_text = median_seconds(lambda: ours.encode_prompt(prompts), device, reps)
+                    t_unet = median_seconds(lambda: ours.unet(lat, 999, encoder_hidden_states=embeds,
+                                                              added_cond_kwargs=extra), device, reps)
+                    t_vae = median_seconds(lambda: ours.decode_latents(lat), device, reps)
+                print(f"{'':<14}{'':>6}  components (eager): text encoders {t_text * 1e3:.1f} ms, UNet "
+                      f"{t_unet * 1e3:.1f} ms, VAE decode {t_vae * 1e3:.1f} ms")
 
 
 if __name__ == "__main__":
