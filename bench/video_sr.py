@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo's tests
 def main():
     p = parser(__doc__.split("\n")[0])
     p.add_argument("--frames", type=int, default=None, help="clip length (default 25 full, 6 tiny)")
+    p.add_argument("--side", type=int, default=None, help="input frame side (default 512 full, 128 tiny; ≥ 128)")
     args = p.parse_args()
     from swiftstep.core import tiling
     from swiftstep.models.dloral import CrossFrameRetrieval
@@ -39,7 +40,7 @@ def main():
 
     full = args.size == "full"
     n = args.frames or (25 if full else 6)
-    side = 512 if full else 128
+    side = args.side or (512 if full else 128)
     dtype, device = getattr(torch, args.dtype), args.device
     if full:
         comps = {k: v for k, v in build_components("sd2", size="full").items() if not k.endswith("_2")}
@@ -75,8 +76,8 @@ def main():
                 eps = unet(z, 1, encoder_hidden_states=embeds.expand(z.shape[0], -1, -1)).sample
                 return fused - eps
 
-            lat8 = lat.view(1, 8, *lat.shape[-2:])
-            img6 = x.view(1, 6, *x.shape[-2:])
+            lat8 = lat.reshape(1, 8, *lat.shape[-2:])
+            img6 = x.reshape(1, 6, *x.shape[-2:])
             x0 = tiling.tiled_apply(window, lat8, 96, 32, tiles_per_call=1, aligned=((img6, 8),))
             out = vae.decode(x0 / sf).sample.clamp(-1, 1)
             outs.append(((out.float() + 1) / 2).cpu())
