@@ -20,7 +20,10 @@ from harness import device_name, median_seconds, parser
 
 
 def main():
-    args = parser(__doc__.split("\n")[0]).parse_args()
+    p = parser(__doc__.split("\n")[0])
+    p.add_argument("--families", default="sd2,sdxl", help="which of sd2, sdxl to run")
+    p.add_argument("--batches", default="1,8", help="batch sizes")
+    args = p.parse_args()
     from diffusers import (AutoencoderTiny, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                            StableDiffusionPipeline, StableDiffusionXLPipeline)
 
@@ -32,6 +35,8 @@ def main():
     print(f"# one-step T2I end to end, {args.size}, {device_name(device)}, {args.dtype}, torch {torch.__version__}")
     print(f"{'model':<14}{'batch':>6}  {'path':<28}{'ms':>9}{'img/s':>9}{'× stock':>9}{'max |Δ|':>10}")
     for family, preset, side in (("sd2", "sd-turbo", 512), ("sdxl", "sdxl-turbo", 1024)):
+        if family not in args.families.split(","):
+            continue
         comps = build_components(family, size=args.size)
         side = side if full else comps["unet"].config.sample_size * 2
         if family == "sd2":
@@ -55,7 +60,7 @@ def main():
         tiny = AutoencoderTiny(latent_channels=4, encoder_block_out_channels=(64,) * levels,  # factor (×8 full size)
                                decoder_block_out_channels=(64,) * levels, num_encoder_blocks=(1, 3, 3, 3)[:levels],
                                num_decoder_blocks=(3, 3, 3, 1)[-levels:])
-        for batch in (1, 8):
+        for batch in (int(b) for b in args.batches.split(",")):
             prompts = [f"a photo of a red fox #{i}" for i in range(batch)]
 
             def gens():
