@@ -8,6 +8,7 @@ type) and so that `save_pretrained` folders load in stock diffusers pipelines; i
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 from pathlib import Path
 from typing import Any, Callable
@@ -187,7 +188,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         it = iter(prompts) if images is None else zip(prompts, images)
         index, pending = seed, None
         while True:
-            batch = [p for _, p in zip(range(batch_size), it)]
+            batch = list(itertools.islice(it, batch_size))
             current = None
             if batch:
                 generators = [torch.Generator().manual_seed(index + j) for j in range(len(batch))]

@@ -376,6 +376,17 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         per_pixel = 59e3 * (2 if self.unet.dtype == torch.float32 else 1)
         return max(96, int((0.6 * free / per_pixel) ** 0.5) // 8 * 8)
 
+    def _check_sr_args(self, upscale, color_fix, tile_size, tile_overlap) -> int:
+        """The checks image and video SR share; returns the latent tile edge (default: from free memory)."""
+        if not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"`upscale` must be a positive integer, got {upscale!r}.")
+        if color_fix not in lora_sr.COLOR_FIXES:
+            raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
+        tile = self._auto_tile() if tile_size is None else tile_size
+        if tile_overlap >= tile:
+            raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile}).")
+        return tile
+
     # ------------------------------------------------------------------ call
     @torch.no_grad()
     def __call__(self, image, upscale: int = 4, prompt: str = "", lambda_pix: float = 1.0, lambda_sem: float = 1.0,
@@ -402,17 +413,11 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         # 1. Check inputs
         if self.sr_method is None:
             raise ValueError("Load SR weights first: pipe.load_sr_weights('osediff.pkl' or 'pisa_sr.pkl').")
-        if not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"`upscale` must be a positive integer, got {upscale!r}.")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        if color_fix not in lora_sr.COLOR_FIXES:
-            raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
         if self.sr_method != "pisa-sr" and (lambda_pix, lambda_sem) != (1.0, 1.0):
             raise ValueError("`lambda_pix`/`lambda_sem` need PiSA-SR weights; OSEDiff has a single LoRA.")
-        tile = self._auto_tile() if tile_size is None else tile_size
-        if tile_overlap >= tile:
-            raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile}).")
+        tile = self._check_sr_args(upscale, color_fix, tile_size, tile_overlap)
         images = self.to_images(image)
         device, dtype = self._execution_device, self.unet.dtype
         sf = self.vae.config.scaling_factor

@@ -16,6 +16,7 @@ Differences from the official script, on purpose:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -184,19 +185,13 @@ class VideoSRPipeline(OneStepSRPipeline):
         `__call__`."""
         if self.sr_method != "dloral":
             raise ValueError("Load DLoRAL weights first: pipe.load_sr_weights('model.pkl').")
-        if not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"`upscale` must be a positive integer, got {upscale!r}.")
-        if color_fix not in lora_sr.COLOR_FIXES:
-            raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
-        tile = self._auto_tile() if tile_size is None else tile_size
+        tile = self._check_sr_args(upscale, color_fix, tile_size, tile_overlap)
         if tile < video_sr.MIN_FLOW_SIDE:
             raise ValueError(f"`tile_size` must be at least {video_sr.MIN_FLOW_SIDE} latent px for DLoRAL (its flow "
                              f"network needs {8 * video_sr.MIN_FLOW_SIDE}-px tiles), got {tile}.")
-        if tile_overlap >= tile:
-            raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile}).")
         self._set_stage(stages)
         it, total = self._frames(frames)
-        first = [f for _, f in zip(range(2), it)]
+        first = list(itertools.islice(it, 2))
         if len(first) < 2:
             raise ValueError(f"a video needs at least 2 frames, got {len(first)}; for a single image use "
                              f"OneStepSRPipeline.")
@@ -214,21 +209,11 @@ class VideoSRPipeline(OneStepSRPipeline):
         size0 = prev = None
         done = 0
         chunk = chunk_frames or self._auto_chunk()
-        pending = list(first)
-        exhausted = False
+        it = itertools.chain(first, it)
         bar = self.progress_bar(total=total) if total is not None else \
             tqdm(**{"unit": "frame", **getattr(self, "_progress_bar_config", {})})  # unknown length: a count
         with bar as progress:
-            while pending or not exhausted:
-                while len(pending) < chunk and not exhausted:
-                    nxt = next(it, None)
-                    if nxt is None:
-                        exhausted = True
-                    else:
-                        pending.append(nxt)
-                batch, pending = pending[:chunk], pending[chunk:]
-                if not batch:
-                    break
+            while batch := list(itertools.islice(it, chunk)):
                 images = self.to_images(batch)
                 sizes = [im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1]) for im in images]
                 size0 = size0 or sizes[0]
