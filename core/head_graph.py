@@ -62,8 +62,9 @@ class GraphedHead:
 
     One instance per model; `sample_tokens(..., head=GraphedHead(...))`. `capture=None` captures on CUDA only."""
 
-    def __init__(self, capture: bool | None = None):
+    def __init__(self, capture: bool | None = None, audit: bool = False):
         self.capture = capture
+        self.audit = audit  # eager runs under `cuda_graphs.CaptureAudit` (tests); captures always audit the warm-up
         self._buffers: dict = {}
         self._pool = None
         self._warned = False
@@ -151,7 +152,11 @@ class GraphedHead:
 
     def _run(self, net, buf: _Buffers, steps: int) -> None:
         if not self._captures(buf):
-            self._steps(net, buf, steps)
+            if self.audit:
+                with cuda_graphs.CaptureAudit("the MAR head's step loop"):
+                    self._steps(net, buf, steps)
+            else:
+                self._steps(net, buf, steps)
             return
         remaining = steps
         for k in _KS:
@@ -175,7 +180,7 @@ class GraphedHead:
                 self._pool = torch.cuda.graph_pool_handle()
 
             graph, _ = cuda_graphs.capture(lambda: self._steps(net, buf, k), self._pool,
-                                           prepare=lambda: buf.index.fill_(k - 1))  # the reset stays out of the graph
+                                           prepare=lambda: buf.index.fill_(k - 1), audit="the MAR head's step loop")  # the reset stays out of the graph
         except Exception as e:  # noqa: BLE001 — any capture failure: eager is always correct
             if not self._warned:
                 logger.warning("swiftstep: CUDA-graph capture of the MAR head failed (%s); running it eagerly.", e)

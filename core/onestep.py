@@ -72,7 +72,7 @@ class NoiseSchedule:
         if self.kind == "vp":
             ab = self.alpha_bar(t)
             return ab.sqrt(), (1 - ab).sqrt()
-        s = torch.tensor(t / self.num_train_timesteps, dtype=torch.float32)
+        s = torch.full((), t / self.num_train_timesteps, dtype=torch.float32)  # like the VP path: no host-data tensor
         return 1 - s, s
 
     def check_timesteps(self, timesteps: Sequence[float]) -> None:

@@ -111,10 +111,15 @@ def weights_signature(*modules) -> tuple:
 class GraphedCall:
     """Runs `fn(inputs, noise) -> tuple of tensors (or None)` from static buffers: captured in a CUDA graph once per
     key and replayed on CUDA; executed eagerly from the same buffers when `capture` is False (that is what the CPU
-    tests compare with the plain path). `validate(signature)` drops every graph when the weights moved."""
+    tests compare with the plain path). `validate(signature)` drops every graph when the weights moved.
 
-    def __init__(self, capture: bool):
+    `audit`: the capture's warm-up runs under `core.cuda_graphs.CaptureAudit` (a region that cannot be captured
+    runs eagerly for that key, said once, before any capture starts); with `capture=False` and `audit=True` every
+    eager run is audited (the CPU tests). Off for torch.compile'd models (the audit is an eager dispatch mode)."""
+
+    def __init__(self, capture: bool, audit: bool = True):
         self.capture = capture
+        self.audit = audit
         self._graphs: dict = {}
         self._pool = None
         self._signature = None
@@ -143,6 +148,9 @@ class GraphedCall:
             for buf, n in zip(g.noise, noise):
                 buf.copy_(n)
         if g.graph is None:
+            if self.audit and not self.capture:
+                with cuda_graphs.CaptureAudit("the graphed sampling call"):
+                    return fn(g.inputs, g.noise)
             return fn(g.inputs, g.noise)
         g.graph.replay()
         self.replays += 1
@@ -151,7 +159,12 @@ class GraphedCall:
     def _capture(self, g: _Graph, fn) -> None:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        g.graph, g.outputs = cuda_graphs.capture(lambda: fn(g.inputs, g.noise), self._pool)
+        try:
+            g.graph, g.outputs = cuda_graphs.capture(lambda: fn(g.inputs, g.noise), self._pool,
+                                                     audit="the graphed sampling call" if self.audit else None)
+        except cuda_graphs.CaptureHazard as e:  # found in the warm-up, before any capture: eager is correct
+            _say_once(f"{e} Running this shape eagerly.")
+            g.graph = g.outputs = None
 
     def clear(self) -> None:
         self._graphs.clear()
@@ -210,7 +223,7 @@ class FastPath:
                 if device.type != "cuda":
                     _say_once(f"CUDA graphs need CUDA (the pipeline is on {device.type}); sampling runs eagerly")
                 else:
-                    self.graphs = GraphedCall(capture=True)
+                    self.graphs = GraphedCall(capture=True, audit="compile" not in self.active)
                     self.active.append("cuda_graph")
         except Exception:
             self.disable()

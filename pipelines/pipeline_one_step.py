@@ -639,8 +639,12 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                 z = z + self.vae.config.shift_factor
             return x, self.vae.decode(z, return_dict=False)[0], finite
 
+        # the step constants (a, b from the noise schedule, γ, shift) are frozen into the graph: all are in the key
+        schedule = sampler.schedule
+        table = None if schedule.alphas_cumprod is None else hash(schedule.alphas_cumprod.cpu().numpy().tobytes())
         key = (tuple(latents.shape), latents.dtype, tuple(sampler.timesteps), sampler.rule, sampler.prediction_type,
-               sampler.timestep_shift, repr(cross_attention_kwargs), timestep_cond is not None, in_graph_decode)
+               sampler.timestep_shift, schedule.kind, schedule.num_train_timesteps, table, repr(cross_attention_kwargs),
+               timestep_cond is not None, in_graph_decode)
         latents, image, finite = fast.graphs(key, run, inputs, noises)
         if not bool(finite):
             raise FloatingPointError(f"NaN/inf in latents after sampling in {latents.dtype}; run the UNet in "

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from swiftstep.core import disa
+from swiftstep.core.cuda_graphs import CaptureHazard
 from swiftstep.core.head_graph import GraphedHead
 from swiftstep.models.mar import SimpleMLPAdaLN
 
@@ -41,7 +42,8 @@ class CPUGraphs(GraphedHead):
         return buf.graphs[k]
 
 
-@pytest.mark.parametrize("runner", [GraphedHead(capture=False), CPUGraphs()], ids=["static", "graph-replays"])
+@pytest.mark.parametrize("runner", [GraphedHead(capture=False, audit=True), CPUGraphs()],
+                         ids=["static-audited", "graph-replays"])
 def test_matches_head_sample_for_every_step_count_and_row_count(runner):
     net = head_net()
     calls = [(3, 1.0, 5), (5, 2.5, 1), (13, 2.5, 37), (9, 1.0, 100), (17, 3.0, 22), (3, 2.5, 5)]
@@ -58,6 +60,15 @@ def test_matches_head_sample_for_every_step_count_and_row_count(runner):
         # 100 steps = 64 + 32 + 4; one 'graph' per k per bucket, reused
         assert runner.replays == sum(bin(len(disa.HeadDiffusion(s, clip=950 if s == 37 else None))).count("1")
                                      for _, _, s in calls)
+
+
+def test_the_step_loop_is_audited_for_capture_hazards():
+    """What a CUDA capture would refuse or freeze (here a host sync) is named before any capture."""
+    net = head_net()
+    forward = net.forward
+    net.forward = lambda x, t, c: forward(x, t, c) * (1 + 0 * float(x.sum()))  # a hidden .item()
+    with torch.no_grad(), pytest.raises(CaptureHazard, match="MAR head's step loop.*_local_scalar_dense"):
+        GraphedHead(capture=False, audit=True)(net, torch.randn(3, 12), disa.HeadDiffusion(4), 1.0, 1.0, draws(0))
 
 
 def test_the_last_step_adds_no_noise_and_every_draw_is_consumed():

@@ -9,6 +9,7 @@ import torch
 from diffusers import AutoencoderTiny
 from safetensors.torch import save_file
 
+from swiftstep.core.cuda_graphs import CaptureHazard
 from swiftstep.pipelines import OneStepPipeline
 from swiftstep.pipelines.fast_path import GraphedCall, load_tiny_decoder, taesd_to_diffusers
 
@@ -16,7 +17,8 @@ from ..fixtures import gen, load_pipes
 
 PROMPT = "a lighthouse at dawn"
 CASES = [("sd2", dict(preset="sd-turbo")), ("sdxl", dict(preset="dmd2-sdxl-4step")),
-         ("sd1", dict(preset="lcm", num_inference_steps=2)), ("sd1", dict(preset="tcd", gamma=0.5))]
+         ("sd1", dict(preset="lcm", num_inference_steps=2)), ("sd1", dict(preset="tcd", gamma=0.5)),
+         ("sd1", dict(preset="instaflow", num_inference_steps=2))]
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +30,7 @@ def run(pipe, seed=0, **kw):
     return pipe(PROMPT, generator=gen(seed), output_type="pt", **kw).images
 
 
-@pytest.mark.parametrize("family, kw", CASES, ids=["sd-turbo", "dmd2-4step", "lcm", "tcd-gamma"])
+@pytest.mark.parametrize("family, kw", CASES, ids=["sd-turbo", "dmd2-4step", "lcm", "tcd-gamma", "instaflow"])
 def test_fast_path_gives_the_plain_images_and_undoes_itself(pipes, family, kw):
     pipe = pipes[family]
     plain = run(pipe, **kw)
@@ -69,6 +71,21 @@ def test_graph_call_keeps_seeds_and_batches_and_new_shapes(pipes):
         lat = pipe(PROMPT, preset="dmd2-sdxl-4step", generator=gen(3), output_type="latent").images
         assert lat.shape[1] == 4
     finally:
+        pipe.disable_fast_path()
+
+
+def test_the_graphed_call_is_audited_for_capture_hazards(pipes):
+    """The region that gets captured (UNet steps + decode) is checked before any capture: the plain models pass
+    (every test above runs it audited), and a hidden host sync in the UNet is named instead of breaking a capture."""
+    pipe = pipes["sd2"]
+    pipe.enable_fast_path(channels_last=False, fused_attention=False).graphs = GraphedCall(capture=False)
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, *a, **k: forward(x * (1 + 0 * float(x.mean())), *a, **k)
+    try:
+        with pytest.raises(CaptureHazard, match=r"graphed sampling call.*aten\._local_scalar_dense"):
+            run(pipe, preset="sd-turbo")
+    finally:
+        del pipe.unet.forward
         pipe.disable_fast_path()
 
 
