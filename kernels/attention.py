@@ -7,7 +7,7 @@ PyTorch; the Triton path agrees with it to float rounding (tests: fp32 ≤ 1e-4,
 Path choice, per call: `backend=` argument, else the `SWIFTSTEP_ATTENTION` environment variable (`auto` | `triton` |
 `sdpa`), else `auto`. `auto` picks Triton only where an H100 measurement says it wins (shared/notes/
 triton_attention.md): the fused dual kernel for short negative/positive contexts (≤ 300 keys: 27 µs vs 40 µs for two
-cuDNN calls at SDXL's 4096×77, d64, fp16). For single attention cuDNN SDPA is faster (0.8–0.93× for Triton), so
+cuDNN calls at SDXL's 4096×77, d64, fp16), in fp16/bf16 (float32 stays on exact SDPA). For single attention cuDNN SDPA is faster (0.8–0.93× for Triton), so
 `auto` keeps SDPA. Each distinct choice is logged once with its reason; `last_path()` returns the latest.
 """
 
@@ -57,6 +57,17 @@ def _unsupported(q: torch.Tensor, tensors, masks) -> str:
     return why if module is None else ""
 
 
+def auto_choice(kind: str, dtype: torch.dtype, lk: int) -> tuple[str, str]:
+    """`auto`'s (path, reason) for supported CUDA inputs: Triton only where a measurement says it wins."""
+    if dtype == torch.float32:  # the exact path: fp32 products without tensor cores; only fp16/bf16 were measured
+        return "sdpa", "float32 inputs: exact SDPA (the Triton kernels are measured faster in fp16/bf16 only)"
+    if kind == "dual" and lk <= DUAL_MAX_KEYS:
+        return "triton", f"fused dual kernel reads Q once (contexts ≤ {DUAL_MAX_KEYS} keys)"
+    if kind == "dual":
+        return "sdpa", f"contexts of {lk} keys: two cuDNN calls measured faster than the fused kernel"
+    return "sdpa", "cuDNN SDPA measured faster than the Triton kernel for single attention"
+
+
 def select_path(kind: str, q, tensors, masks, lk: int, backend: str | None = None) -> str:
     """'triton' or 'sdpa' for a call of `kind` ('single' | 'dual'); logs each distinct choice once, with why."""
     backend = backend or os.environ.get(ENV, "auto")
@@ -74,12 +85,8 @@ def select_path(kind: str, q, tensors, masks, lk: int, backend: str | None = Non
             path, reason = "sdpa", why
         elif not q.is_cuda:  # the CPU interpreter is for tests, never an automatic choice
             path, reason = "sdpa", f"inputs on {q.device.type} (Triton needs CUDA)"
-        elif kind == "dual" and lk <= DUAL_MAX_KEYS:
-            path, reason = "triton", f"fused dual kernel reads Q once (contexts ≤ {DUAL_MAX_KEYS} keys)"
-        elif kind == "dual":
-            path, reason = "sdpa", f"contexts of {lk} keys: two cuDNN calls measured faster than the fused kernel"
         else:
-            path, reason = "sdpa", "cuDNN SDPA measured faster than the Triton kernel for single attention"
+            path, reason = auto_choice(kind, q.dtype, lk)
     key = (kind, path, reason)
     if key not in _logged:
         _logged.add(key)

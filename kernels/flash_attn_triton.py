@@ -129,10 +129,16 @@ def _dual_fwd_kernel(Q, KP, VP, KN, VN, Out, OutNeg, BiasP, BiasN,
         tl.store(OutNeg + o_off, z_neg.to(OutNeg.dtype.element_ty), mask=io_mask)
 
 
-def default_config(head_dim: int, lk: int) -> dict:
-    """Block sizes from the H100 measurements in shared/notes/triton_attention.md §3: cross-attention (≤ 128 keys)
-    BLOCK_N 32; long sequences (128, 64) at d ≤ 64, (128, 128)→(64, 64) above to fit registers."""
-    if lk <= 128:
+def default_config(head_dim: int, lk: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Block sizes. fp16/bf16 from the H100 measurements in shared/notes/triton_attention.md §3: cross-attention
+    (≤ 128 keys) BLOCK_N 32; long sequences (128, 64) at d ≤ 64, (64, 64) up to d 128. Head dims above 128 (padded to
+    256 in registers) and fp32 (the exact path: fp32 products without tensor cores, tiles twice the bytes) take
+    small tiles so that every configuration fits the 99 KiB of shared memory per block of sm86/sm89 GPUs, without
+    register spills — checked by compiling for sm80/sm89/sm90 (tests/kernels/test_compile_targets.py,
+    bench/kernel_resources.py); the previous larger tiles needed up to 208 KiB there."""
+    if dtype == torch.float32:
+        return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
+    if lk <= 128 or head_dim > 128:
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=2)
     if head_dim <= 64:
         return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
@@ -175,40 +181,60 @@ def _check(q, *kv):
             raise ValueError(f"k/v {tuple(t.shape)} {t.dtype} do not match q {tuple(q.shape)} {q.dtype}.")
 
 
-def flash_attention(q, k, v, mask=None, scale=None, config: dict | None = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale + mask)·v for [B, H, Lq, D] / [B, H, Lk, D]; same dtype as q."""
+def _block_d(head_dim: int, minimum: int = 16) -> int:
+    """Head dim padded to a power of two in registers (≥ 16 for fp16 MMAs, ≥ 32 for 8-bit ones)."""
+    return max(minimum, triton.next_power_of_2(head_dim))
+
+
+def flash_launch(q, k, v, mask=None, scale=None, config: dict | None = None):
+    """(kernel, grid, args, constexprs, out) of one `flash_attention` call: the single place its launch is built,
+    shared by the launch itself and by the ahead-of-time compile check (`kernels.targets`)."""
     _check(q, k, v)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
-    cfg = dict(config or default_config(D, LK))
+    cfg = dict(config or default_config(D, LK, q.dtype))
     out = torch.empty_like(q)
     bias, bs, has_mask = _bias(mask, q, LK)
     grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
-    _flash_fwd_kernel[grid](q, k, v, out, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bs,
-                            H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)),
-                            HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK=has_mask,
-                            PRECISION=_precision(q), **cfg)
+    args = (q, k, v, out, bias, *q.stride(), *k.stride(), *v.stride(), *out.stride(), *bs,
+            H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)))
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK=has_mask, PRECISION=_precision(q), **cfg)
+    return _flash_fwd_kernel, grid, args, meta, out
+
+
+def flash_attention(q, k, v, mask=None, scale=None, config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale + mask)·v for [B, H, Lq, D] / [B, H, Lk, D]; same dtype as q."""
+    kernel, grid, args, meta, out = flash_launch(q, k, v, mask, scale, config)
+    kernel[grid](*args, **meta)
     return out
 
 
-def dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, mask_pos=None, mask_neg=None,
-                         scale=None, config: dict | None = None):
-    """Both branches with one read of Q: `Z+ − α·Z−` when `alpha` is given, else `(Z+, Z−)`."""
+def dual_launch(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, mask_pos=None, mask_neg=None,
+                scale=None, config: dict | None = None):
+    """(kernel, grid, args, constexprs, (out, out_neg)) of one `dual_flash_attention` call."""
     _check(q, k_pos, v_pos, k_neg, v_neg)
     B, H, LQ, D = q.shape
-    cfg = dict(config or default_config(D, max(k_pos.shape[2], k_neg.shape[2])))
+    cfg = dict(config or default_config(D, max(k_pos.shape[2], k_neg.shape[2]), q.dtype))
     out = torch.empty_like(q)
     out_neg = out if alpha is not None else torch.empty_like(q)
     bias_p, bsp, has_p = _bias(mask_pos, q, k_pos.shape[2])
     bias_n, bsn, has_n = _bias(mask_neg, q, k_neg.shape[2])
     grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
-    _dual_fwd_kernel[grid](q, k_pos, v_pos, k_neg, v_neg, out, out_neg, bias_p, bias_n,
-                           *q.stride(), *k_pos.stride(), *v_pos.stride(), *k_neg.stride(), *v_neg.stride(),
-                           *out.stride(), *bsp, *bsn, H, LQ, k_pos.shape[2], k_neg.shape[2],
-                           float(scale if scale is not None else 1.0 / math.sqrt(D)),
-                           float(alpha if alpha is not None else 0.0),
-                           HEAD_DIM=D, BLOCK_D=max(16, triton.next_power_of_2(D)), HAS_MASK_P=has_p,
-                           HAS_MASK_N=has_n, FUSE_NASA=alpha is not None, PRECISION=_precision(q), **cfg)
+    args = (q, k_pos, v_pos, k_neg, v_neg, out, out_neg, bias_p, bias_n,
+            *q.stride(), *k_pos.stride(), *v_pos.stride(), *k_neg.stride(), *v_neg.stride(),
+            *out.stride(), *bsp, *bsn, H, LQ, k_pos.shape[2], k_neg.shape[2],
+            float(scale if scale is not None else 1.0 / math.sqrt(D)), float(alpha if alpha is not None else 0.0))
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK_P=has_p, HAS_MASK_N=has_n, FUSE_NASA=alpha is not None,
+                PRECISION=_precision(q), **cfg)
+    return _dual_fwd_kernel, grid, args, meta, (out, out_neg)
+
+
+def dual_flash_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, mask_pos=None, mask_neg=None,
+                         scale=None, config: dict | None = None):
+    """Both branches with one read of Q: `Z+ − α·Z−` when `alpha` is given, else `(Z+, Z−)`."""
+    kernel, grid, args, meta, (out, out_neg) = dual_launch(q, k_pos, v_pos, k_neg, v_neg, alpha, mask_pos,
+                                                           mask_neg, scale, config)
+    kernel[grid](*args, **meta)
     return out if alpha is not None else (out, out_neg)
 
 
@@ -316,11 +342,10 @@ def fp8_config(head_dim: int) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2)
 
 
-def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: dict | None = None) -> torch.Tensor:
-    """softmax(q·kᵀ·scale)·v with 8-bit operands (self-attention: no mask); q/k/v fp16/bf16/fp32 [B, H, L, D];
-    output in q's dtype. Head dims are padded to ≥ 32 in registers (8-bit MMAs reduce over 32). `qk_format`:
-    "int8" (SageAttention2's choice; cosine ≥ 0.999 vs exact in the tests) or "e4m3" (pure FP8: ≈ 0.9987 on random
-    inputs, below that)."""
+def fp8_launch(q, k, v, scale=None, qk_format: str = "int8", config: dict | None = None,
+               emulate: bool | None = None):
+    """(kernel, grid, args, constexprs, out) of one `flash_attention_fp8` call; `emulate` defaults to "not on CUDA"
+    (the CPU interpreter)."""
     _check(q, k, v)
     B, H, LQ, D = q.shape
     LK = k.shape[2]
@@ -328,8 +353,18 @@ def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: di
     q8, qs, k8, ks, v8, vs = quantize_8bit(q, k, v, qk_format)
     out = torch.empty_like(q)
     grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
-    _fp8_fwd_kernel[grid](q8, k8, v8, out, qs, ks, vs, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
-                          H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E,
-                          HEAD_DIM=D, BLOCK_D=max(32, triton.next_power_of_2(D)), QK_INT8=qk_format == "int8",
-                          EMULATE=not q.is_cuda, **cfg)
+    args = (q8, k8, v8, out, qs, ks, vs, *q8.stride(), *k8.stride(), *v8.stride(), *out.stride(),
+            H, LQ, LK, float(scale if scale is not None else 1.0 / math.sqrt(D)) * LOG2E)
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D, 32), QK_INT8=qk_format == "int8",
+                EMULATE=(not q.is_cuda) if emulate is None else emulate, **cfg)
+    return _fp8_fwd_kernel, grid, args, meta, out
+
+
+def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: dict | None = None) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v with 8-bit operands (self-attention: no mask); q/k/v fp16/bf16/fp32 [B, H, L, D];
+    output in q's dtype. Head dims are padded to ≥ 32 in registers (8-bit MMAs reduce over 32). `qk_format`:
+    "int8" (SageAttention2's choice; cosine ≥ 0.999 vs exact in the tests) or "e4m3" (pure FP8: ≈ 0.9987 on random
+    inputs, below that)."""
+    kernel, grid, args, meta, out = fp8_launch(q, k, v, scale, qk_format, config)
+    kernel[grid](*args, **meta)
     return out

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swiftstep.kernels import attention, dual_attention, last_path
+from swiftstep.kernels.attention import auto_choice
 from swiftstep.kernels.attention_ref import attention_ref, dual_attention_ref
 
 
@@ -68,3 +69,14 @@ def test_auto_uses_the_fused_kernel_for_short_contexts_on_cuda():
     q, k, v = (t.cuda().half() for t in qkv(lq=256, lk=512))
     dual_attention(q, k, v, k, v, alpha=0.2)
     assert last_path()["path"] == "sdpa"
+
+
+def test_auto_choice_on_cuda_is_the_measured_one():
+    """What `auto` picks for supported CUDA inputs (the decision itself runs on any machine)."""
+    assert auto_choice("dual", torch.float16, 77)[0] == "triton"
+    assert auto_choice("dual", torch.bfloat16, 300)[0] == "triton"
+    assert auto_choice("dual", torch.float16, 301) == (
+        "sdpa", "contexts of 301 keys: two cuDNN calls measured faster than the fused kernel")
+    assert auto_choice("single", torch.float16, 77)[0] == "sdpa"
+    path, reason = auto_choice("dual", torch.float32, 77)  # fp32: exact SDPA, never an unmeasured kernel
+    assert path == "sdpa" and "float32" in reason

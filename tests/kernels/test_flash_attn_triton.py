@@ -15,8 +15,16 @@ TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 # explicit configs (no autotuning): a small one that tiles the odd shapes several times, and every config
 # `default_config` can return (on a GPU this is the "every config dispatch can pick" check)
-SHIPPED = [fk.default_config(64, 77), fk.default_config(64, 4096), fk.default_config(128, 4096)]
+SHIPPED = [fk.default_config(64, 77), fk.default_config(64, 4096), fk.default_config(128, 4096),
+           fk.default_config(64, 4096, torch.float32)]
 CONFIGS = [dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1), *SHIPPED]
+CONFIG_IDS = ["small", "cross", "long-d64", "long-d128", "fp32"]
+
+
+def test_shipped_lists_every_config_dispatch_can_pick():
+    picked = {tuple(fk.default_config(d, lk, dt).items()) for d in (40, 64, 80, 96, 128, 160) for lk in (1, 77, 300, 4096)
+              for dt in (torch.float16, torch.bfloat16, torch.float32)}
+    assert picked == {tuple(c.items()) for c in SHIPPED}
 
 
 @pytest.fixture(autouse=True)
@@ -45,7 +53,7 @@ def key_mask(b, lk, seed):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("lq,lk,d", [(63, 77, 64), (33, 17, 40), (20, 45, 128), (5, 300, 80)])
-@pytest.mark.parametrize("config", CONFIGS, ids=["small", "cross", "long-d64", "long-d128"])
+@pytest.mark.parametrize("config", CONFIGS, ids=CONFIG_IDS)
 def test_flash_attention_matches_reference(dtype, lq, lk, d, config):
     q, k, v = rand(2, 3, lq, d, dtype=dtype, seed=0), rand(2, 3, lk, d, dtype=dtype, seed=1), \
         rand(2, 3, lk, d, dtype=dtype, seed=2)
@@ -67,14 +75,19 @@ def test_masks_scale_and_strided_views(dtype):
     assert rel(out2, attention_ref(x, ctx, ctx, mask)) <= TOL[dtype]
 
 
+# the interpreter is slow: there the small config and the one the wrapper picks for the dtype; every config on a GPU
+DUAL_CONFIGS = dict(zip(CONFIG_IDS, CONFIGS)) if torch.cuda.is_available() else {"small": CONFIGS[0], "default": None}
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("alpha", [0.2, None])
-def test_dual_attention_matches_reference(dtype, alpha):
+@pytest.mark.parametrize("config", list(DUAL_CONFIGS.values()), ids=list(DUAL_CONFIGS))
+def test_dual_attention_matches_reference(dtype, alpha, config):
     q = rand(2, 2, 63, 64, dtype=dtype, seed=6)
     kp, vp = rand(2, 2, 77, 64, dtype=dtype, seed=7), rand(2, 2, 77, 64, dtype=dtype, seed=8)
     kn, vn = rand(2, 2, 13, 64, dtype=dtype, seed=9), rand(2, 2, 13, 64, dtype=dtype, seed=10)  # other length
     mp, mn = key_mask(2, 77, seed=11), key_mask(2, 13, seed=12)
-    out = fk.dual_flash_attention(q, kp, vp, kn, vn, alpha, mp, mn, config=CONFIGS[0])
+    out = fk.dual_flash_attention(q, kp, vp, kn, vn, alpha, mp, mn, config=config)
     ref = dual_attention_ref(q, kp, vp, kn, vn, alpha, mp, mn)
     if alpha is None:
         assert rel(out[0], ref[0]) <= TOL[dtype] and rel(out[1], ref[1]) <= TOL[dtype]
