@@ -38,3 +38,14 @@ def test_capturable_work_passes_and_is_counted():
         buf.index_select(0, idx).sub_(1)  # device-side indexing: no sync
     assert audit.ops >= 8
     torch.testing.assert_close(buf, torch.where(X > 0, X, 0.0).to(torch.float16).float().exp() * 0.5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_host_to_device_copies_are_named_on_a_gpu():
+    with pytest.raises(CaptureHazard, match=r"aten\._to_copy .*copies between \['cpu', 'cuda'\]"):
+        with CaptureAudit("the region"):
+            X.cuda()
+    on_gpu = X.cuda()
+    with CaptureAudit() as audit:
+        (on_gpu * 2.0).half()  # on-device work passes
+    assert audit.ops >= 2
