@@ -26,7 +26,6 @@ from swiftstep.kernels import targets  # noqa: E402
 
 HEAD_DIMS = (40, 64, 80, 96, 128, 160)
 KEYS = {"single": (77, 300, 4096), "nasa": (77, 300), "nag": (77, 300), "8bit": (4096,)}
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 def rows(arches, kinds, dtypes, head_dims):
@@ -45,7 +44,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=sorted(targets.GPUS))
     p.add_argument("--kinds", nargs="+", default=list(KEYS), choices=list(KEYS))
-    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--dtypes", nargs="+", default=list(targets.DTYPES), choices=list(targets.DTYPES))
     p.add_argument("--head-dims", type=int, nargs="+", default=list(HEAD_DIMS))
     args = p.parse_args()
     why = targets.available()
@@ -60,19 +59,16 @@ def main():
     bad = 0
     t0 = time.time()
     for arch, kind, dname, fmt, d, lk in rows(args.arch, args.kinds, args.dtypes, args.head_dims):
-        dtype = DTYPES[dname]
-        try:
-            r = targets.compile_launch(targets.shipped_launch(kind, dtype, d, lk=lk, qk_format=fmt or "int8"),
-                                       arch)
-        except Exception as e:  # report and go on: the table is the point
+        res = targets.check(dict(kind=kind, dtype=dname, head_dim=d, lk=lk, arch=arch, qk_format=fmt or "int8"))
+        if "error" in res:  # report and go on: the table is the point
             bad += 1
-            print(f"{arch:>3} {kind:7} {dname:8} {fmt:4} {d:>4} {lk:>5}  COMPILE ERROR {str(e).splitlines()[-1][:90]}")
+            print(f"{arch:>3} {kind:7} {dname:8} {fmt:4} {d:>4} {lk:>5}  COMPILE ERROR {res['error'].splitlines()[-1][:90]}")
             continue
-        problems = r.problems(targets.expected_mma(kind, dtype, arch, fmt or "int8"))
+        r, problems = res["report"], res["problems"]
         bad += bool(problems)
-        mma = " ".join(sorted(set(s.split(".F32")[0].split(".S8")[0] for s in r.mma_shapes))) or "(no tensor cores)"
-        print(f"{arch:>3} {kind:7} {dname:8} {fmt:4} {d:>4} {lk:>5} {r.registers:>4} {r.spill_bytes:>5} "
-              f"{r.shared_bytes / 1024:>8.1f} {r.blocks_per_sm:>6}  {mma:34} {'; '.join(problems) or '-'}")
+        mma = " ".join(sorted(set(s.split(".F32")[0].split(".S8")[0] for s in r["mma_shapes"]))) or "(no tensor cores)"
+        print(f"{arch:>3} {kind:7} {dname:8} {fmt:4} {d:>4} {lk:>5} {r['registers']:>4} {r['spill_bytes']:>5} "
+              f"{r['shared_bytes'] / 1024:>8.1f} {res['blocks_per_sm']:>6}  {mma:34} {'; '.join(problems) or '-'}")
     print(f"\n{bad} configuration(s) with problems; {time.time() - t0:.0f} s")
 
 

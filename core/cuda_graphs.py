@@ -43,7 +43,7 @@ class CaptureAudit(TorchDispatchMode):
         why = ""
         if name in _SYNC:
             why = "it waits for the device (a host synchronisation or a data-dependent shape)"
-        elif name.startswith(_RANDOM) or name.rstrip("_").startswith(_RANDOM):
+        elif name.startswith(_RANDOM):
             why = "it draws random numbers (a replay would reuse them; draw them before the region)"
         elif name in ("index", "index_put", "index_put_") and any(
                 isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8)
@@ -51,7 +51,7 @@ class CaptureAudit(TorchDispatchMode):
             why = "boolean-mask indexing has a data-dependent shape (use torch.where or masked_fill)"
         elif name in _HOST_DATA:
             why = "it makes a tensor from host data (frozen at capture time; make it a buffer filled before)"
-        elif name in ("_to_copy", "copy_", "to", "_copy_from"):
+        elif name in ("_to_copy", "copy_", "_copy_from"):
             devices = {a.device for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and a.dim() > 0}
             target = kwargs.get("device")
             if target is not None:

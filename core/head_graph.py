@@ -18,6 +18,7 @@ temperature and the step index itself — so one step is a fixed sequence of ker
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
@@ -55,6 +56,9 @@ class _Buffers:
         self.cfg_scale = torch.ones(1, device=device, dtype=torch.float32)
         self.temperature = torch.ones(1, device=device, dtype=torch.float32)
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+
+
+_REGION = "the MAR head's step loop"  # how CaptureAudit names it
 
 
 class GraphedHead:
@@ -152,10 +156,7 @@ class GraphedHead:
 
     def _run(self, net, buf: _Buffers, steps: int) -> None:
         if not self._captures(buf):
-            if self.audit:
-                with cuda_graphs.CaptureAudit("the MAR head's step loop"):
-                    self._steps(net, buf, steps)
-            else:
+            with cuda_graphs.CaptureAudit(_REGION) if self.audit else contextlib.nullcontext():
                 self._steps(net, buf, steps)
             return
         remaining = steps
@@ -179,8 +180,8 @@ class GraphedHead:
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
 
-            graph, _ = cuda_graphs.capture(lambda: self._steps(net, buf, k), self._pool,
-                                           prepare=lambda: buf.index.fill_(k - 1), audit="the MAR head's step loop")  # the reset stays out of the graph
+            graph, _ = cuda_graphs.capture(lambda: self._steps(net, buf, k), self._pool, audit=_REGION,
+                                           prepare=lambda: buf.index.fill_(k - 1))  # the reset stays out of the graph
         except Exception as e:  # noqa: BLE001 — any capture failure: eager is always correct
             if not self._warned:
                 logger.warning("swiftstep: CUDA-graph capture of the MAR head failed (%s); running it eagerly.", e)

@@ -19,6 +19,7 @@ pipeline then runs the plain path for them. `pipe.fast_path.active` lists what i
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from pathlib import Path
@@ -108,6 +109,9 @@ def weights_signature(*modules) -> tuple:
     return tuple(p.data_ptr() for m in modules if m is not None for p in m.parameters())
 
 
+_REGION = "the graphed sampling call"  # how CaptureAudit names it
+
+
 class GraphedCall:
     """Runs `fn(inputs, noise) -> tuple of tensors (or None)` from static buffers: captured in a CUDA graph once per
     key and replayed on CUDA; executed eagerly from the same buffers when `capture` is False (that is what the CPU
@@ -148,10 +152,8 @@ class GraphedCall:
             for buf, n in zip(g.noise, noise):
                 buf.copy_(n)
         if g.graph is None:
-            if self.audit and not self.capture:
-                with cuda_graphs.CaptureAudit("the graphed sampling call"):
-                    return fn(g.inputs, g.noise)
-            return fn(g.inputs, g.noise)
+            with cuda_graphs.CaptureAudit(_REGION) if self.audit and not self.capture else contextlib.nullcontext():
+                return fn(g.inputs, g.noise)
         g.graph.replay()
         self.replays += 1
         return tuple(None if t is None else t.clone() for t in g.outputs)
@@ -161,7 +163,7 @@ class GraphedCall:
             self._pool = torch.cuda.graph_pool_handle()
         try:
             g.graph, g.outputs = cuda_graphs.capture(lambda: fn(g.inputs, g.noise), self._pool,
-                                                     audit="the graphed sampling call" if self.audit else None)
+                                                     audit=_REGION if self.audit else None)
         except cuda_graphs.CaptureHazard as e:  # found in the warm-up, before any capture: eager is correct
             _say_once(f"{e} Running this shape eagerly.")
             g.graph = g.outputs = None
