@@ -13,6 +13,8 @@ CPU in tests) and raises `CaptureHazard` naming the first operation that would b
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -78,10 +80,7 @@ def capture(fn, pool=None, prepare=None, audit: str | None = "the captured regio
     with torch.cuda.stream(side):
         if prepare is not None:
             prepare()
-        if audit:
-            with CaptureAudit(audit):
-                fn()
-        else:
+        with CaptureAudit(audit) if audit else contextlib.nullcontext():
             fn()
     torch.cuda.current_stream().wait_stream(side)
     if prepare is not None:

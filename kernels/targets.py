@@ -28,9 +28,9 @@ import torch
 
 # Per-block limits a launch is refused above (CUDA occupancy tables; Triton raises OutOfResources at load).
 GPUS = {
-    80: dict(name="A100", shared=166912, regs_per_sm=65536, mma="HMMA"),
-    89: dict(name="L40S / RTX 4090", shared=101376, regs_per_sm=65536, mma="HMMA"),
-    90: dict(name="H100 / H200", shared=232448, regs_per_sm=65536, mma="HGMMA"),
+    80: dict(name="A100", shared=166912, regs_per_sm=65536),
+    89: dict(name="L40S / RTX 4090", shared=101376, regs_per_sm=65536),
+    90: dict(name="H100 / H200", shared=232448, regs_per_sm=65536),
 }
 MMA_FAMILIES = ("HGMMA", "IGMMA", "QGMMA", "HMMA", "IMMA", "QMMA")
 
