@@ -58,7 +58,7 @@ def main():
     args = parser(__doc__.split("\n")[0]).parse_args()
     if args.device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    from swiftstep.kernels import flash_attn_triton as fk
+    from swiftstep.attention_kernels import flash_attn_triton as fk
 
     dtype = getattr(torch, args.dtype)
     shapes = SHAPES if args.device == "cuda" else TINY

@@ -3,7 +3,7 @@
     python bench/kernel_resources.py                 # sm80, sm89, sm90; every kernel, dtype, head dim, key length
     python bench/kernel_resources.py --arch 90 --kinds 8bit
 
-Each row compiles the launch the public entry point builds for that shape (`swiftstep.kernels.targets`: Triton's
+Each row compiles the launch the public entry point builds for that shape (`swiftstep.attention_kernels.targets`: Triton's
 own binder and specialisation, the bundled ptxas) and prints registers per thread, spilled bytes, shared memory per
 block, resident blocks per SM, the tensor-core instructions in the SASS, and what would go wrong on that GPU
 ("-" when nothing). It is the static half of kernel tuning: a configuration that spills, does not fit, or falls
@@ -22,7 +22,7 @@ import torch
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from swiftstep.kernels import targets  # noqa: E402
+from swiftstep.attention_kernels import targets  # noqa: E402
 
 HEAD_DIMS = (40, 64, 80, 96, 128, 160)
 KEYS = {"single": (77, 300, 4096), "nasa": (77, 300), "nag": (77, 300), "8bit": (4096,)}

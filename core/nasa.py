@@ -7,7 +7,7 @@ In every text cross-attention, with the layer's own projections W_q, W_k, W_v, W
     out = W_o (Z+ − α·Z−) + b_o      (eq. 9; the output bias is not scaled)
 
 Training-free; one-step models get a negative prompt without CFG's second UNet pass. This module holds the
-combination and the per-backbone defaults; the attention itself is the adapters' (SDPA or kernels/).
+combination and the per-backbone defaults; the attention itself is the adapters' (SDPA or attention_kernels/).
 """
 
 from __future__ import annotations

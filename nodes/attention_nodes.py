@@ -1,4 +1,4 @@
-"""SwiftStepTritonAttention: route a ComfyUI model's attention through `swiftstep.kernels`, per model and reversibly.
+"""SwiftStepTritonAttention: route a ComfyUI model's attention through `swiftstep.attention_kernels`, per model and reversibly.
 
 Uses ComfyUI's per-model `optimized_attention_override` hook (every `@wrap_attn` attention, UNets and DiTs alike)
 on a clone; where dispatch keeps SDPA (CPU, unsupported shape, or no measured win) ComfyUI's own attention runs.
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .. import kernels
+from .. import attention_kernels
 
 BACKENDS = ("auto", "triton")
 EIGHT_BIT = ("off", "int8", "e4m3")
@@ -41,12 +41,12 @@ class TritonAttentionOverride:
             return original()
         backend = None if self.backend == "auto" else self.backend
         if self.self_attention_8bit != "off" and qh.shape[2] == kh.shape[2] and \
-                kernels.select_8bit_path(qh, kh, vh, self.self_attention_8bit, backend) == "triton":
-            out = kernels.attention_8bit(qh, kh, vh, qk_format=self.self_attention_8bit, backend="triton")
+                attention_kernels.select_8bit_path(qh, kh, vh, self.self_attention_8bit, backend) == "triton":
+            out = attention_kernels.attention_8bit(qh, kh, vh, qk_format=self.self_attention_8bit, backend="triton")
             return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * d)
-        if kernels.select_path("single", qh, (kh, vh), (), kh.shape[2], backend) != "triton":
+        if attention_kernels.select_path("single", qh, (kh, vh), (), kh.shape[2], backend) != "triton":
             return original()
-        out = kernels.attention(qh, kh, vh, backend="triton")
+        out = attention_kernels.attention(qh, kh, vh, backend="triton")
         if skip_output_reshape:
             return out
         return out.transpose(1, 2).reshape(b, -1, heads * d)

@@ -13,6 +13,7 @@ import torch
 from comfy_api.latest import io
 
 from .attention_nodes import BACKENDS, TritonAttentionOverride
+from .dependencies import required_by
 
 logger = logging.getLogger("swiftstep")
 
@@ -67,7 +68,8 @@ class FastPathWrapper:
             if self.previous is not None:
                 return self.previous(apply_model, {**args, "input": x, "c": c})
             return apply_model(x, t, **c)
-        from ..pipelines.fast_path import GraphedCall, weights_signature
+        with required_by("SwiftStepFastPath"):
+            from ..pipelines.fast_path import GraphedCall, weights_signature
 
         if self.graphs is None:
             self.graphs = GraphedCall(capture=True)

@@ -9,6 +9,7 @@ import torch
 from comfy_api.latest import io
 
 from ..core import imagenet
+from .dependencies import required_by
 
 MAR_MODEL = io.Custom("SWIFTSTEP_MAR_MODEL")
 SCHEDULES = ("disa-linear", "disa-cosine", "disa-two-stage", "constant")
@@ -50,7 +51,8 @@ class SwiftStepMARLoader(io.ComfyNode):
         import comfy.model_management
         import folder_paths
 
-        from ..pipelines import MARPipeline
+        with required_by("SwiftStepMARLoader"):
+            from ..pipelines import MARPipeline
 
         pipe = MARPipeline.from_official(folder_paths.get_full_path_or_raise("swiftstep", mar_checkpoint),
                                          folder_paths.get_full_path_or_raise("swiftstep", vae_checkpoint), size)

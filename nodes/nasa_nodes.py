@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from .. import kernels
+from .. import attention_kernels
 from ..core import nasa
 
 MODES = nasa.MODES
@@ -55,9 +55,9 @@ class NASAAttn2Patch:
         reps = b // k_neg.shape[0]
         qh, kh, vh = split(q), split(k), split(v)
         knh, vnh = (split(t.repeat_interleave(reps, 0)) for t in (k_neg, v_neg))
-        if kernels.select_path("dual", qh, (kh, vh, knh, vnh), (), max(kh.shape[2], knh.shape[2])) != "triton":
+        if attention_kernels.select_path("dual", qh, (kh, vh, knh, vnh), (), max(kh.shape[2], knh.shape[2])) != "triton":
             return None
-        z = kernels.dual_attention(qh, kh, vh, knh, vnh, alpha=self.guidance.alpha, backend="triton")
+        z = attention_kernels.dual_attention(qh, kh, vh, knh, vnh, alpha=self.guidance.alpha, backend="triton")
         return z.transpose(1, 2).reshape(b, -1, inner)
 
     def __call__(self, q, k, v, extra_options):

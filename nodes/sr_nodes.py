@@ -13,6 +13,8 @@ import os
 import torch
 from comfy_api.latest import io
 
+from .dependencies import required_by
+
 SR_MODEL = io.Custom("SWIFTSTEP_SR_MODEL")
 COLOR_FIXES = ("adain", "wavelet", "none")
 
@@ -49,8 +51,9 @@ def load_sr_model(base: str, weights: str, dtype: str):
     import comfy.model_management
     import folder_paths
 
-    from ..pipelines.pipeline_sr import OneStepSRPipeline, sr_method
-    from ..pipelines.pipeline_video_sr import VideoSRPipeline
+    with required_by("SwiftStepSRLoader"):
+        from ..pipelines.pipeline_sr import OneStepSRPipeline, sr_method
+        from ..pipelines.pipeline_video_sr import VideoSRPipeline
 
     weights_path = folder_paths.get_full_path_or_raise("swiftstep", weights)
     pipeline_class = VideoSRPipeline if sr_method(weights_path) == "dloral" else OneStepSRPipeline

@@ -1,12 +1,12 @@
 """`SwiftStepAttnProcessor`: diffusers' AttnProcessor2_0, step for step, with the attention itself from
-`swiftstep.kernels` (Triton where dispatch picks it, exact SDPA elsewhere). Install with
+`swiftstep.attention_kernels` (Triton where dispatch picks it, exact SDPA elsewhere). Install with
 `apply_swiftstep_attention(model)`; `remove()` restores the original processor objects."""
 
 from __future__ import annotations
 
 import torch
 
-from .. import kernels
+from .. import attention_kernels
 
 
 class SwiftStepAttnProcessor:
@@ -16,7 +16,7 @@ class SwiftStepAttnProcessor:
                  self_attention_8bit: str | None = None):
         self.qk_norm_before_heads = qk_norm_before_heads  # SanaAttnProcessor2_0 normalises q/k before the split
         self.backend = backend
-        self.self_attention_8bit = self_attention_8bit  # None, "int8" or "e4m3" (opt-in, see kernels.attention_8bit)
+        self.self_attention_8bit = self_attention_8bit  # None, "int8" or "e4m3" (opt-in, see attention_kernels.attention_8bit)
         self._is_self = False
 
     @staticmethod
@@ -30,9 +30,9 @@ class SwiftStepAttnProcessor:
     def attend(self, attn, query, key, value, attention_mask) -> torch.Tensor:
         """[B, H, L, D] q/k/v → [B, L, H·D], before the output projection."""
         if self.self_attention_8bit and self._is_self and attention_mask is None:
-            z = kernels.attention_8bit(query, key, value, qk_format=self.self_attention_8bit, backend=self.backend)
+            z = attention_kernels.attention_8bit(query, key, value, qk_format=self.self_attention_8bit, backend=self.backend)
         else:
-            z = kernels.attention(query, key, value, mask=attention_mask, backend=self.backend)
+            z = attention_kernels.attention(query, key, value, mask=attention_mask, backend=self.backend)
         return self._merge(attn, z, query.dtype)
 
     def __call__(self, attn, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
@@ -110,7 +110,7 @@ class AttentionHandle:
 
 def apply_swiftstep_attention(model, backend: str | None = None,
                               self_attention_8bit: str | None = None) -> AttentionHandle:
-    """Route every standard attention of `model` (UNet, PixArt, SANA cross-attention) through `swiftstep.kernels`.
+    """Route every standard attention of `model` (UNet, PixArt, SANA cross-attention) through `swiftstep.attention_kernels`.
     `self_attention_8bit="int8"` (or "e4m3") runs unmasked self-attention through the opt-in 8-bit kernel where the
     GPU has e4m3 MMA (sm89+), exact SDPA elsewhere."""
     return AttentionHandle(model, backend, self_attention_8bit)

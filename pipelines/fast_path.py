@@ -7,7 +7,7 @@ switchable and reversible.
   order, so seeds give the same images), the text embeddings and SDXL's conditioning. CUDA only.
 * `compile`: `torch.compile` of the UNet's forward (`nn.Module.compile`, undone by `disable`).
 * `channels_last`: UNet and VAE weights in channels-last memory format (NHWC convolutions on tensor cores).
-* `fused_attention`: every standard attention processor through `swiftstep.kernels` (Triton where dispatch measured
+* `fused_attention`: every standard attention processor through `swiftstep.attention_kernels` (Triton where dispatch measured
   a win, exact SDPA elsewhere).
 * `cache_prompts`: text-encoder outputs cached per prompt list (LRU, 64 entries), cleared on LoRA loads.
 * `tiny_vae`: decode with a TAESD-compatible tiny decoder (`load_tiny_decoder`: the public `taesd_decoder` /

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .. import kernels
+from .. import attention_kernels
 from ..core import nasa
 from .attention_processor import SwiftStepAttnProcessor
 
@@ -70,7 +70,7 @@ def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
 class NASAAttnProcessor(SwiftStepAttnProcessor):
     """Text cross-attention with a negative branch: out = W_o·combine(Z+, Z−) (+ bias), Q projected once.
 
-    The attention runs through `kernels.dual_attention`: on CUDA the fused Triton kernel (one read of Q, both
+    The attention runs through `attention_kernels.dual_attention`: on CUDA the fused Triton kernel (one read of Q, both
     softmaxes in one pass, NASA's subtraction in its epilogue); elsewhere two SDPA calls."""
 
     def __init__(self, context: NegativeContext, qk_norm_before_heads: bool = False):
@@ -111,10 +111,10 @@ class NASAAttnProcessor(SwiftStepAttnProcessor):
         k_neg, v_neg = self._negative_kv(attn, batch, head_dim, query.dtype, query.device)
         neg_mask = self._negative_mask(attn, batch, query.dtype)
         if ctx.mode == "nasa":  # eqs. 7–9, the subtraction fused into the attention epilogue
-            z = kernels.dual_attention(query, key, value, k_neg, v_neg, alpha=ctx.alpha, mask_pos=attention_mask,
+            z = attention_kernels.dual_attention(query, key, value, k_neg, v_neg, alpha=ctx.alpha, mask_pos=attention_mask,
                                        mask_neg=neg_mask)
             return self._merge(attn, z, query.dtype)
-        z_pos, z_neg = kernels.dual_attention(query, key, value, k_neg, v_neg, mask_pos=attention_mask,
+        z_pos, z_neg = attention_kernels.dual_attention(query, key, value, k_neg, v_neg, mask_pos=attention_mask,
                                               mask_neg=neg_mask)
         return ctx.combine(self._merge(attn, z_pos, query.dtype), self._merge(attn, z_neg, query.dtype))  # NAG
 

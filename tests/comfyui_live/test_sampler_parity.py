@@ -112,7 +112,7 @@ def test_comfyui_nasa_node_equals_pipeline_negative_prompt(comfy_inprocess, node
 def test_triton_attention_node_keeps_the_latents(comfy_inprocess, nodes, backend, monkeypatch):
     """auto on CPU leaves ComfyUI's attention in place (bit-identical); triton runs every attention through the
     kernel (here Triton's CPU interpreter) and agrees to float rounding."""
-    from swiftstep.kernels import last_path
+    from swiftstep.attention_kernels import last_path
     from swiftstep.nodes import attention_nodes
 
     pipe = OneStepPipeline(**build_components("sd1"))

@@ -68,11 +68,11 @@ def test_masks_and_upcasts_stay_with_comfyui(node):
 
 def test_8bit_self_attention_is_opt_in_and_self_only(node, monkeypatch):
     pytest.importorskip("triton")
-    from swiftstep import kernels
+    from swiftstep import attention_kernels
 
     ran = []
-    real = kernels.attention_8bit
-    monkeypatch.setattr(kernels, "attention_8bit", lambda *a, **kw: ran.append(kw["qk_format"]) or real(*a, **kw))
+    real = attention_kernels.attention_8bit
+    monkeypatch.setattr(attention_kernels, "attention_8bit", lambda *a, **kw: ran.append(kw["qk_format"]) or real(*a, **kw))
     q, k, v = qkv(lq=40, lk=40, d=64, seed=2)
     ref = fakes.optimized_attention(q, k, v, 2)
     fail = lambda *a, **kw: pytest.fail("original ran")  # noqa: E731

@@ -147,7 +147,7 @@ def test_fused_kernel_path_gives_the_same_attention(node, monkeypatch):
     monkeypatch.setenv("SWIFTSTEP_ATTENTION", "sdpa")
     ref = patch(q, k, v, {"n_heads": 2})
     monkeypatch.setenv("SWIFTSTEP_ATTENTION", "triton")  # CPU: Triton's interpreter
-    from swiftstep.kernels import last_path
+    from swiftstep.attention_kernels import last_path
 
     got = patch(q, k, v, {"n_heads": 2})
     assert last_path()["path"] == "triton"

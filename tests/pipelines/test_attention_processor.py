@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from swiftstep.kernels import last_path
+from swiftstep.attention_kernels import last_path
 from swiftstep.pipelines.attention_processor import SwiftStepAttnProcessor, apply_swiftstep_attention
 from swiftstep.pipelines.nasa_processor import nasa_attention
 

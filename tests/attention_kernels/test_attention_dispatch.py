@@ -5,9 +5,9 @@ import logging
 import pytest
 import torch
 
-from swiftstep.kernels import attention, dual_attention, last_path
-from swiftstep.kernels.attention import auto_choice
-from swiftstep.kernels.attention_ref import attention_ref, dual_attention_ref
+from swiftstep.attention_kernels import attention, dual_attention, last_path
+from swiftstep.attention_kernels.attention import auto_choice
+from swiftstep.attention_kernels.attention_ref import attention_ref, dual_attention_ref
 
 
 def qkv(lq=40, lk=77, d=64, dtype=torch.float32, seed=0):
@@ -17,7 +17,7 @@ def qkv(lq=40, lk=77, d=64, dtype=torch.float32, seed=0):
 
 def test_auto_keeps_sdpa_for_single_attention_and_says_why(caplog):
     q, k, v = qkv()
-    with caplog.at_level(logging.INFO, logger="swiftstep.kernels"):
+    with caplog.at_level(logging.INFO, logger="swiftstep.attention_kernels"):
         out = attention(q, k, v)
     assert torch.equal(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))  # exact fallback
     assert last_path()["path"] == "sdpa"

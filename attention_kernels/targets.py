@@ -7,7 +7,7 @@ can answer all of that without a GPU: `compile_launch` takes a launch built by t
 call), binds it with Triton's own binder for a chosen target (sm80 / sm89 / sm90), compiles it to a cubin with the
 ptxas bundled in the Triton wheel and reads registers, spills and SASS with the bundled cuobjdump.
 
-Used by tests/kernels/test_compile_targets.py (CI, no GPU) and bench/kernel_resources.py (the table for every
+Used by tests/attention_kernels/test_compile_targets.py (CI, no GPU) and bench/kernel_resources.py (the table for every
 shipped configuration). Timings still need a GPU: bench/attention.py.
 """
 
@@ -98,7 +98,7 @@ def compile_launch(launch, arch: int = 90) -> KernelReport:
         raise RuntimeError(f"cannot compile for sm{arch} here: {why}")
     if not hasattr(launch[0], "signature"):
         raise RuntimeError("the kernels were imported under TRITON_INTERPRET=1 (the CPU interpreter), which keeps no "
-                           "compilable kernel; compile in a process without it (`python -m swiftstep.kernels.targets`)")
+                           "compilable kernel; compile in a process without it (`python -m swiftstep.attention_kernels.targets`)")
     if arch not in GPUS:
         raise ValueError(f"arch must be one of {sorted(GPUS)}, got {arch}")
     kernel, _grid, args, meta = launch[:4]
@@ -184,7 +184,7 @@ def check_in_subprocess(cases: list[dict], timeout: float = 900) -> list[dict]:
     compilable kernels): what the test suite uses, since it runs the kernels themselves under the interpreter."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    done = subprocess.run([sys.executable, "-m", "swiftstep.kernels.targets"], input=json.dumps(cases),
+    done = subprocess.run([sys.executable, "-m", "swiftstep.attention_kernels.targets"], input=json.dumps(cases),
                           capture_output=True, text=True, env=env, timeout=timeout)
     if done.returncode != 0:
         raise RuntimeError(f"the compile check failed:\n{done.stderr[-3000:]}")

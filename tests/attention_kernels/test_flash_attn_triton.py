@@ -6,8 +6,8 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from swiftstep.kernels import flash_attn_triton as fk  # noqa: E402
-from swiftstep.kernels.attention_ref import attention_ref, dual_attention_ref  # noqa: E402
+from swiftstep.attention_kernels import flash_attn_triton as fk  # noqa: E402
+from swiftstep.attention_kernels.attention_ref import attention_ref, dual_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}

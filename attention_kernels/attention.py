@@ -19,7 +19,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-logger = logging.getLogger("swiftstep.kernels")
+logger = logging.getLogger("swiftstep.attention_kernels")
 
 BACKENDS = ("auto", "triton", "sdpa")
 ENV = "SWIFTSTEP_ATTENTION"
@@ -143,7 +143,7 @@ def attention_8bit(q, k, v, scale=None, qk_format: str = "int8", backend: str | 
     """Opt-in 8-bit self-attention (no mask): Q·Kᵀ in int8 (or e4m3) with one scale per token, P·V in e4m3 with V
     scaled per channel (SageAttention2's recipe; `flash_attn_triton._fp8_fwd_kernel`). On GPUs without e4m3 MMA, on
     the CPU, or without Triton it runs exact SDPA instead and logs why once. Accuracy against exact attention on
-    random inputs: cosine ≥ 0.999 with int8 Q·Kᵀ, ≈ 0.9987 with e4m3 (tests/kernels/test_fp8_attention.py)."""
+    random inputs: cosine ≥ 0.999 with int8 Q·Kᵀ, ≈ 0.9987 with e4m3 (tests/attention_kernels/test_fp8_attention.py)."""
     if select_8bit_path(q, k, v, qk_format, backend) == "triton":
         return _triton_module()[0].flash_attention_fp8(q, k, v, scale, qk_format)
     return F.scaled_dot_product_attention(q, k, v, scale=scale)

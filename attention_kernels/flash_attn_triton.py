@@ -134,7 +134,7 @@ def default_config(head_dim: int, lk: int, dtype: torch.dtype = torch.float16) -
     (≤ 128 keys) BLOCK_N 32; long sequences (128, 64) at d ≤ 64, (64, 64) up to d 128. Head dims above 128 (padded to
     256 in registers) and fp32 (the exact path: fp32 products without tensor cores, tiles twice the bytes) take
     small tiles so that every configuration fits the 99 KiB of shared memory per block of sm86/sm89 GPUs, without
-    register spills — checked by compiling for sm80/sm89/sm90 (tests/kernels/test_compile_targets.py,
+    register spills — checked by compiling for sm80/sm89/sm90 (tests/attention_kernels/test_compile_targets.py,
     bench/kernel_resources.py); the previous larger tiles needed up to 208 KiB there."""
     if dtype == torch.float32:
         return dict(BLOCK_M=32, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -188,7 +188,7 @@ def _block_d(head_dim: int, minimum: int = 16) -> int:
 
 def flash_launch(q, k, v, mask=None, scale=None, config: dict | None = None):
     """(kernel, grid, args, constexprs, out) of one `flash_attention` call: the single place its launch is built,
-    shared by the launch itself and by the ahead-of-time compile check (`kernels.targets`)."""
+    shared by the launch itself and by the ahead-of-time compile check (`attention_kernels.targets`)."""
     _check(q, k, v)
     B, H, LQ, D = q.shape
     LK = k.shape[2]

@@ -1,5 +1,5 @@
 """The kernels compile for real GPUs (sm80 / sm89 / sm90), without a GPU: ahead of time, with Triton's own binder
-and the ptxas bundled in its wheel (`swiftstep.kernels.targets`). The interpreter tests check what the kernels
+and the ptxas bundled in its wheel (`swiftstep.attention_kernels.targets`). The interpreter tests check what the kernels
 compute; these check what only a real compile shows: that the launch the host wrapper builds compiles for the
 target, fits its shared memory, does not spill, and runs on the intended tensor cores. The worst case of each
 `default_config` branch (largest head dim, fp32's doubled tiles) is compiled for sm89, the generation with the
@@ -8,8 +8,8 @@ shipped configuration: bench/kernel_resources.py."""
 
 import pytest
 
-from swiftstep.kernels import targets
-from swiftstep.kernels.attention import FP8_CAPABILITY
+from swiftstep.attention_kernels import targets
+from swiftstep.attention_kernels.attention import FP8_CAPABILITY
 
 pytestmark = pytest.mark.skipif(bool(targets.available()), reason=f"no NVIDIA compiler: {targets.available()}")
 

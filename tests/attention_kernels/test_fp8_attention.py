@@ -6,9 +6,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-from swiftstep import kernels  # noqa: E402
-from swiftstep.kernels import flash_attn_triton as fk  # noqa: E402
-from swiftstep.kernels.attention_ref import attention_ref, fp8_attention_ref  # noqa: E402
+from swiftstep import attention_kernels  # noqa: E402
+from swiftstep.attention_kernels import flash_attn_triton as fk  # noqa: E402
+from swiftstep.attention_kernels.attention_ref import attention_ref, fp8_attention_ref  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FP8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (8, 9)
@@ -52,13 +52,13 @@ def test_matches_its_quantisation_and_stays_close_to_exact(config, qk_format, mi
 
 def test_dispatch_is_opt_in_and_says_why(caplog):
     q, k, v = (t.to(DEVICE) for t in qkv(40, 40, 64, torch.float32))
-    out = kernels.attention_8bit(q, k, v)
+    out = attention_kernels.attention_8bit(q, k, v)
     if DEVICE == "cpu":  # auto on the CPU: exact SDPA, with the reason
-        assert kernels.last_path() == {"kind": "8bit", "path": "sdpa", "reason": "inputs on cpu (Triton needs CUDA)"}
+        assert attention_kernels.last_path() == {"kind": "8bit", "path": "sdpa", "reason": "inputs on cpu (Triton needs CUDA)"}
         torch.testing.assert_close(out, torch.nn.functional.scaled_dot_product_attention(q, k, v))
-    forced = kernels.attention_8bit(q, k, v, backend="triton")
-    assert kernels.last_path()["path"] == "triton" and cosine(forced, attention_ref(q, k, v)) >= 0.999
-    exact = kernels.attention_8bit(q, k, v, backend="sdpa")
+    forced = attention_kernels.attention_8bit(q, k, v, backend="triton")
+    assert attention_kernels.last_path()["path"] == "triton" and cosine(forced, attention_ref(q, k, v)) >= 0.999
+    exact = attention_kernels.attention_8bit(q, k, v, backend="sdpa")
     torch.testing.assert_close(exact, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     with pytest.raises(ValueError, match="qk_format must be one of"):
         fk.flash_attention_fp8(q, k, v, qk_format="int4")
@@ -70,8 +70,8 @@ def test_processor_routes_only_unmasked_self_attention(monkeypatch):
     from swiftstep.pipelines.attention_processor import SwiftStepAttnProcessor
 
     seen = []
-    real = kernels.attention_8bit
-    monkeypatch.setattr(kernels, "attention_8bit", lambda *a, **kw: seen.append(kw["qk_format"]) or real(*a, **kw))
+    real = attention_kernels.attention_8bit
+    monkeypatch.setattr(attention_kernels, "attention_8bit", lambda *a, **kw: seen.append(kw["qk_format"]) or real(*a, **kw))
     attn = Attention(64, heads=2, dim_head=32, cross_attention_dim=48)
     attn.set_processor(SwiftStepAttnProcessor(self_attention_8bit="int8"))
     x, ctx = torch.randn(1, 50, 64), torch.randn(1, 7, 48)
