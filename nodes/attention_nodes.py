@@ -65,7 +65,7 @@ class SwiftStepTritonAttention(io.ComfyNode):
                 io.Model.Input("model", tooltip="Any model whose attention uses ComfyUI's optimized_attention. "
                                                 "Not modified: the node returns a patched clone."),
                 io.Combo.Input("backend", options=list(BACKENDS), default="auto",
-                               tooltip="auto: Triton only where measured faster (see README), else ComfyUI's "
+                               tooltip="auto: Triton only where measured faster (docs/attention-kernels.md), else ComfyUI's "
                                        "attention. triton: always the Triton kernel where it can run (CUDA)."),
                 io.Combo.Input("self_attention_8bit", options=list(EIGHT_BIT), default="off",
                                tooltip="Opt-in 8-bit self-attention on sm89+ GPUs (Ada/Hopper): int8 Q·Kᵀ + e4m3 P·V "

@@ -425,7 +425,9 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             guidance_scale: guidance *embedding* w for LCM UNets with `time_cond_proj_dim`; these models run
                 without CFG, so other UNets ignore it.
             generator: seeds the initial latents, then one noise draw per re-noising step, in step order.
-            latents: initial noise `x_T` of shape [B·n, 4, H/f, W/f] (overrides the generator's first draw).
+            latents: unit Gaussian noise of shape [B·n, 4, H/f, W/f] instead of the generator's first draw,
+                scaled by the schedule's initial noise level as diffusers scales it by `init_noise_sigma`: the
+                same `latents` give the stock pipeline's image.
             output_type: "pil", "np", "pt" or "latent".
             callback_on_step_end: `fn(pipe, step, timestep, callback_kwargs) -> dict`, may replace "latents".
             negative_prompt: what to steer away from, without CFG: NASA (SNOOPI) or NAG in every text
@@ -492,13 +494,12 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             if latents is not None:
                 raise ValueError("Pass either `image` or `latents`, not both.")
             latents = self._noised_image_latents(image, batch, shape, sampler, generator, device, dtype)
-        elif latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-            latents = latents * sampler.initial_scale()
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-        else:
-            latents = latents.to(device, dtype)
+        else:  # unit noise, scaled here as diffusers scales it by `scheduler.init_noise_sigma`
+            if latents is None:
+                latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+            else:
+                self._check_latents(latents, shape)
+            latents = latents.to(device, dtype) * sampler.initial_scale()
 
         def noise() -> torch.Tensor:
             return randn_tensor(shape, generator=generator, device=device, dtype=latents.dtype)
@@ -570,6 +571,15 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
                              f"(`num_inference_steps`) or a higher strength (SD-Turbo's card: 2 steps, 0.5).")
         return onestep.FewStepSampler(sampler.schedule, sampler.timesteps[n - keep:], sampler.prediction_type,
                                       sampler.rule, sampler.timestep_shift, sampler.init_noise)
+
+    @staticmethod
+    def _check_latents(latents, shape):
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
+        if not torch.isfinite(latents).all():
+            bad = int((~torch.isfinite(latents)).sum())
+            raise ValueError(f"`latents` must be finite unit Gaussian noise, got {bad} NaN/inf values of "
+                             f"{latents.numel()}.")
 
     def _noised_image_latents(self, image, batch, shape, sampler, generator, device, dtype):
         """x = a(t₀)·z + b(t₀)·ε for the image's VAE posterior sample z (× scaling factor): the VP form of

@@ -29,7 +29,7 @@ def collisions(root: Path, installed: dict[str, list[str]]) -> dict[str, list[st
 def test_no_top_level_entry_shadows_an_installed_module():
     found = collisions(ROOT, metadata.packages_distributions())
     assert not found, (f"top-level entries of {ROOT} shadow installed modules when the root is on sys.path: "
-                       f"{found}; rename them (README layout, pyproject packages, tests).")
+                       f"{found}; rename them (docs/development.md layout, pyproject packages, tests).")
 
 
 def test_the_check_catches_a_folder_named_like_a_dependency(tmp_path):

@@ -13,7 +13,8 @@ import torch
 FLOAT32_ORDER = 1e-5  # reordering float32 sums over ~10³ terms: ≈ 2⁻²⁴·√10³·(a few); measured ≤ 3e-6 here
 
 
-def assert_close_to_scale(actual, expected, rel: float = FLOAT32_ORDER, scale: float | None = None, what: str = ""):
+def assert_close_to_scale(actual, expected, rel: float = FLOAT32_ORDER, scale: float | None = None,
+                          what: str = ""):
     """max |actual − expected| ≤ rel · scale, where scale defaults to max |expected| (1 where that is 0)."""
     actual, expected = torch.as_tensor(actual), torch.as_tensor(expected)
     assert actual.shape == expected.shape, f"{what} shape {tuple(actual.shape)} != {tuple(expected.shape)}"

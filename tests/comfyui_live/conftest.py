@@ -1,5 +1,5 @@
 """Live ComfyUI tests: run only with COMFYUI_PATH pointing at a ComfyUI checkout (0.3.64 or newer), in a Python
-environment that can run that ComfyUI (see README, "Live ComfyUI tests")."""
+environment that can run that ComfyUI (docs/comfyui.md, "Live ComfyUI tests")."""
 
 import json
 import os

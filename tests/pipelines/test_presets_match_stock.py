@@ -108,6 +108,35 @@ def test_preset_matches_stock_recipe(pipes, preset, family, steps, make_schedule
     assert_same(ours(pipe, preset, steps), stock(pipe, make_scheduler(pipe.scheduler.config), **stock_kwargs))
 
 
+def _unit_noise(pipe, seed=11):
+    size = pipe.unet.config.sample_size
+    return torch.randn((len(PROMPT), pipe.unet.config.in_channels, size, size), generator=gen(seed))
+
+
+FIRST_CASE = {}
+for _case in CASES:
+    FIRST_CASE.setdefault(_case[0], _case)
+
+
+@pytest.mark.parametrize("preset,family,steps,make_scheduler,kwargs", FIRST_CASE.values(), ids=list(FIRST_CASE))
+def test_user_latents_are_unit_noise_as_in_diffusers(pipes, preset, family, steps, make_scheduler, kwargs):
+    """`latents=` means what it means in diffusers (unit noise, scaled by the scheduler's `init_noise_sigma`), so the
+    same latents give the stock pipeline's result; the generator still drives the re-noising draws."""
+    pipe = pipes[family]
+    stock_kwargs = dict(kwargs) if "timesteps" in kwargs else dict(kwargs, num_inference_steps=steps)
+    z = _unit_noise(pipe)
+    a = ours(pipe, preset, steps, seed=3, latents=z)
+    assert_same(a, stock(pipe, make_scheduler(pipe.scheduler.config), seed=3, latents=z, **stock_kwargs))
+    assert (a - ours(pipe, preset, steps, seed=3)).abs().max() > 1e-3  # the latents were used
+
+
+def test_non_finite_latents_are_refused_before_sampling(pipes):
+    z = _unit_noise(pipes["sd2"])
+    z[1, 2, 3, 4] = float("nan")
+    with pytest.raises(ValueError, match=r"`latents` must be finite unit Gaussian noise, got 1 NaN/inf values"):
+        ours(pipes["sd2"], "sd-turbo", 1, latents=z)
+
+
 def test_every_preset_has_a_stock_comparison():
     covered = {c[0] for c in CASES} | {"lcm", "instaflow", "swiftbrush-v2"}  # the last three are tested below
     assert covered == set(PRESETS)
@@ -127,6 +156,10 @@ def test_lcm_full_unet_with_guidance_embedding_matches_lcm_pipeline(pipes):
                                              feature_extractor=None, requires_safety_checker=False)
         b = ref(PROMPT, num_inference_steps=4, guidance_scale=w, generator=gen(), output_type="latent").images
         assert_same(a, b)
+    z = _unit_noise(pipe)
+    a = pipe(PROMPT, guidance_scale=3.0, generator=gen(2), latents=z, output_type="latent").images
+    assert_same(a, ref(PROMPT, num_inference_steps=4, guidance_scale=3.0, generator=gen(2), latents=z,
+                       output_type="latent").images)
     w_small = pipe(PROMPT, guidance_scale=3.0, generator=gen(), output_type="latent").images
     w_large = pipe(PROMPT, guidance_scale=8.5, generator=gen(), output_type="latent").images
     assert (w_small - w_large).abs().max() > 1e-3  # the embedding is actually fed
@@ -147,6 +180,11 @@ def test_instaflow_matches_official_rectified_flow_loop(pipes, steps):
         t = torch.full((2,), (1 - i / steps) * 1000.0)
         x = x + (1.0 / steps) * pipe.unet(x, t, encoder_hidden_states=embeds).sample
     assert_same(ours(pipe, "instaflow", steps), x)
+    z = _unit_noise(pipe)  # the official loop starts from x = z: `latents=` is z itself
+    for i in range(steps):
+        t = torch.full((2,), (1 - i / steps) * 1000.0)
+        z = z + (1.0 / steps) * pipe.unet(z, t, encoder_hidden_states=embeds).sample
+    assert_same(ours(pipe, "instaflow", steps, latents=_unit_noise(pipe)), z)
 
 
 def test_swiftbrush_v2_matches_official_formula(pipes):
@@ -157,6 +195,9 @@ def test_swiftbrush_v2_matches_official_formula(pipes):
     eps = pipe.unet(z, 999, encoder_hidden_states=embeds).sample
     x0 = (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt()  # SwiftBrush infer.py, t = T − 1
     assert_same(ours(pipe, "swiftbrush-v2", 1), x0)
+    z = _unit_noise(pipe)
+    eps = pipe.unet(z, 999, encoder_hidden_states=embeds).sample
+    assert_same(ours(pipe, "swiftbrush-v2", 1, latents=z), (z - (1 - alpha_bar).sqrt() * eps) / alpha_bar.sqrt())
 
 
 @pytest.mark.parametrize("family", ["sd2-v", "sd1"])
