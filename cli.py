@@ -38,6 +38,22 @@ def load_pipeline(model: str, config: str | None, dtype: str, device: str, cls=N
     return pipe.to(device)
 
 
+def read_image(path: str | Path, flag: str):
+    """An image file through PIL, decoded now: an unreadable or damaged file is a ValueError naming it."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{flag}: no input image at {path.resolve()}.")
+    try:
+        image = Image.open(path)
+        image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:  # PIL's decoders raise all four
+        raise ValueError(f"{flag}: {path.name}: expected an image file PIL reads (PNG, JPEG, WebP, …); found: "
+                         f"{error}.") from error
+    return image
+
+
 def save_png(image, path: Path, params: dict, line: str | None = None) -> Path:
     """Save with the generation parameters: a `swiftstep` JSON text chunk, plus `parameters` (the A1111-style line
     other tools read) when given."""
@@ -62,11 +78,7 @@ def generate(args) -> list[Path]:
     sampler = pipe.make_sampler(preset, args.steps, timesteps, args.gamma)
     image = None
     if args.image:
-        from PIL import Image
-
-        if not Path(args.image).is_file():
-            raise FileNotFoundError(f"No input image at {Path(args.image).resolve()}.")
-        image = Image.open(args.image).convert("RGB")
+        image = read_image(args.image, "--image").convert("RGB")
         sampler = pipe._img2img_sampler(sampler, args.strength)
     size = pipe.unet.config.sample_size * pipe.vae_scale_factor
     default_h, default_w = (image.height, image.width) if image is not None else (size, size)
@@ -92,7 +104,6 @@ def generate(args) -> list[Path]:
 
 def upscale(args) -> list[Path]:
     import torch
-    from PIL import Image
 
     from .pipelines import OneStepSRPipeline
 
@@ -103,9 +114,7 @@ def upscale(args) -> list[Path]:
     paths = []
     for src in args.inputs:
         src = Path(src)
-        if not src.is_file():
-            raise FileNotFoundError(f"No input image at {src.resolve()}.")
-        image = Image.open(src)
+        image = read_image(src, "input")
         generator = torch.Generator(device=args.device).manual_seed(args.seed)
         result = pipe(image, upscale=args.scale, prompt=args.prompt, lambda_pix=args.lambda_pix,
                       lambda_sem=args.lambda_sem, color_fix=args.color_fix, tile_size=args.tile,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from . import finite
+
 # Paper Table 5: τ = 2.5 everywhere; φ = 2 (nag_scale 3) with α 0.5 for SDXL, α 0.375 for SD1.5; φ = 4 (nag_scale 5)
 # with α 0.375 for SANA/PixArt-Σ. SD2.x is not in the table and takes the SD1.5 values.
 DEFAULTS = {
@@ -37,11 +39,8 @@ def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag_scale: float, tau:
 
 
 def check_params(nag_scale: float, tau: float, alpha: float) -> None:
-    import math
-
     for name, value in (("nag_scale", nag_scale), ("nag_tau", tau), ("nag_alpha", alpha)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"`{name}` must be a finite number, got {value!r}.")
+        finite.check_finite(name, value)
     if nag_scale < 1.0:
         raise ValueError(f"`nag_scale` (= φ + 1) must be ≥ 1 (1 = off), got {nag_scale}.")
     if tau <= 0:

@@ -12,24 +12,17 @@ combination and the per-backbone defaults; the attention itself is the adapters'
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from . import nag
+from . import finite, nag
 
 MODES = ("nasa", "nag")
 
 # SNOOPI v3 NASA-I defaults per backbone family. SDXL has no published value (the paper sweeps SDXL-DMD2 over
 # 0…1 qualitatively); it uses SD2.1's 0.2 until one is published.
 DEFAULT_ALPHA = {"sd1": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5, "sana": 0.5}
-
-
-def check_alpha(alpha: float, name: str = "nasa_scale") -> float:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
-        raise ValueError(f"`{name}` must be a finite number, got {alpha!r}.")
-    return float(alpha)
 
 
 def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -53,7 +46,7 @@ class NegativeGuidance:
                 mode_name: str = "`guidance`") -> "NegativeGuidance":
         if mode not in MODES:
             raise ValueError(f"{mode_name} must be one of {MODES}, got {mode!r}.")
-        check_alpha(alpha)
+        finite.check_finite("nasa_scale", alpha)
         if mode == "nag":
             nag.check_params(nag_scale, nag_tau, nag_alpha)
         return cls(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha))

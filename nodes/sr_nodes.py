@@ -47,6 +47,13 @@ def base_choices() -> list[str]:
     return [f"diffusers/{d}" for d in diffusers_folders()] + [f"checkpoints/{c}" for c in ckpts]
 
 
+def check_images(node: str, name: str, images: torch.Tensor) -> None:
+    """An IMAGE input [B, H, W, C]: at least one image, no zero-length side."""
+    if images.ndim != 4 or 0 in images.shape:
+        raise ValueError(f"{node}: input `{name}` must be an IMAGE batch [B, H, W, C] of at least one image with "
+                         f"every side ≥ 1, found shape {tuple(images.shape)}.")
+
+
 def load_sr_model(base: str, weights: str, dtype: str):
     import comfy.model_management
     import folder_paths
@@ -158,6 +165,7 @@ class SwiftStepUpscale(io.ComfyNode):
         if tile_overlap >= tile_size:
             raise ValueError(f"SwiftStepUpscale: input `tile_overlap` ({tile_overlap}) must be smaller than "
                              f"`tile_size` ({tile_size}).")
+        check_images("SwiftStepUpscale", "image", image)
         frames = image.permute(0, 3, 1, 2).float().cpu()  # IMAGE [B, H, W, C] → [B, C, H, W]
         progress = comfy.utils.ProgressBar(frames.shape[0])
         generator = torch.Generator("cpu").manual_seed(seed)
@@ -224,8 +232,10 @@ class SwiftStepVideoUpscale(io.ComfyNode):
             raise ValueError(f"SwiftStepVideoUpscale: input `tile_overlap` ({tile_overlap}) must be smaller than "
                              f"`tile_size` ({tile_size}).")
         if frames.shape[0] < 2:
-            raise ValueError(f"SwiftStepVideoUpscale: input `frames` has {frames.shape[0]} frame; a video needs at "
-                             f"least 2 (use SwiftStep Upscale for a single image).")
+            raise ValueError(f"SwiftStepVideoUpscale: input `frames` has {frames.shape[0]} frame"
+                             f"{'s' * (frames.shape[0] == 0)}; a video needs at least 2 (use SwiftStep Upscale for a "
+                             f"single image).")
+        check_images("SwiftStepVideoUpscale", "frames", frames)
         clip = frames.permute(0, 3, 1, 2).float().cpu()  # IMAGE [N, H, W, C] → [N, C, H, W]
         progress = comfy.utils.ProgressBar(clip.shape[0])
 

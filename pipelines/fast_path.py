@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from ..core import cuda_graphs
+from . import checkpoint_io
 
 logger = logging.getLogger("swiftstep")
 
@@ -69,12 +70,13 @@ def load_tiny_decoder(source, dtype=None, device=None):
         if path.is_dir():
             tiny = AutoencoderTiny.from_pretrained(path)
         elif path.is_file():
+            what = "a TAESD decoder (taesd_decoder.safetensors / .pth: '<layer index>.<name>' tensors)"
             if path.suffix == ".safetensors":
-                from safetensors.torch import load_file
-
-                state = load_file(str(path))
+                state = checkpoint_io.read_safetensors(path, what)
             else:
-                state = torch.load(path, map_location="cpu", weights_only=True)
+                state = checkpoint_io.read_torch_file(path, what)
+            if not isinstance(state, dict):
+                raise ValueError(f"{path.name}: expected {what}, a dict of tensors; found a {type(state).__name__}.")
             converted = taesd_to_diffusers(state)
             latent = converted.get("decoder.layers.0.weight")
             if latent is None:

@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from . import checkpoint_io
+
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight",
                   "_lora.down.weight")  # the last: attention-processor layout diffusers converts kohya keys to
 _PREFIXES = ("unet", "text_encoder", "text_encoder_2")
+
+
+def check_file(source) -> None:
+    """A local .safetensors LoRA that does not parse (truncated, not safetensors) named with what was expected,
+    before diffusers reports it as a bare `OSError: Unable to load weights`."""
+    if isinstance(source, (str, Path)) and Path(source).suffix == ".safetensors" and Path(source).is_file():
+        with checkpoint_io.open_safetensors(source, "a LoRA (diffusers/peft or kohya keys)"):
+            pass
 
 
 def expected_modules(state_dict: dict) -> dict[str, set[str]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import torch
+from . import checkpoint_io
 
 KL16_SCALE = 0.2325  # MAR: tokens = posterior.sample() · 0.2325
 KL16_CONFIG = dict(
@@ -28,11 +28,7 @@ def read_checkpoint(path: str | Path, key: str, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No {what} checkpoint at {path.resolve()}.")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # pickled training objects (args, optimizers) are refused by weights_only
-        raise ValueError(f"{path.name}: cannot be read with torch.load(weights_only=True) ({e}); re-save only the "
-                         f"'{key}' state dict, e.g. with safetensors.") from e
+    ckpt = checkpoint_io.read_torch_file(path, f"a {what} checkpoint holding '{key}'")
     if isinstance(ckpt, dict) and key in ckpt:
         return ckpt[key]
     raise ValueError(f"{path.name}: expected a {what} checkpoint holding '{key}', found keys "

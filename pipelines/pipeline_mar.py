@@ -15,7 +15,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
-from ..core import disa, imagenet
+from ..core import disa, finite, imagenet
 from ..core.head_graph import GraphedHead
 from ..models.mar import MAR, SIZES
 from .mar_checkpoint import KL16_CONFIG, KL16_SCALE, convert_kl16, read_checkpoint
@@ -95,6 +95,7 @@ class MARPipeline(DiffusionPipeline):
         steps = disa.step_schedule(step_schedule, num_iter, steps_start, steps_end)
         if cfg is None:
             cfg = DEFAULT_CFG.get(self.mar.config.encoder_depth, 3.0)
+        cfg, temperature = finite.check_finite("cfg", cfg), finite.check_finite("temperature", temperature)
         disa.cfg_scale(cfg, cfg_schedule, 0, 1)  # validates the schedule name
         device = self._execution_device
         bsz = labels.numel()

@@ -126,6 +126,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
         """
         source = pretrained_model_name_or_path_or_dict
         source = "state dict" if isinstance(source, dict) else Path(str(source)).name
+        lora_check.check_file(pretrained_model_name_or_path_or_dict)
         try:
             state_dict, _ = self.lora_state_dict(pretrained_model_name_or_path_or_dict, unet_config=self.unet.config,
                                                  **kwargs)

@@ -20,7 +20,8 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..core import lora_sr, onestep, tiling
+from ..core import finite, lora_sr, onestep, tiling
+from . import checkpoint_io, single_file
 from .pipeline_one_step import unet_family
 
 LORA_ALPHA = 8  # peft's default, which the official LoraConfig(r=4, …) inherits: scale 8/4 = 2
@@ -37,6 +38,9 @@ LAYOUTS = {
     "swiftstep-sr": "swiftstep safetensors export (save_sr_weights): metadata `swiftstep_sr` + unet./vae./bpp. "
                     "tensors",
 }
+SAFETENSORS_WHAT = "SR weights exported by save_sr_weights (metadata `swiftstep_sr` + unet./vae./bpp. tensors)"
+PICKLE_WHAT = "SR weights (the official osediff.pkl, pisa_sr.pkl or DLoRAL model.pkl: a dict of module lists and " \
+              "state dicts)"
 
 
 def detect_layout(sd: dict) -> str:
@@ -56,9 +60,7 @@ def read_sr_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"No SR weights file at {path.resolve()}.")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with checkpoint_io.open_safetensors(path, SAFETENSORS_WHAT) as f:
             meta = (f.metadata() or {}).get("swiftstep_sr")
             if meta is None:
                 raise ValueError(f"{path.name}: a safetensors file without `swiftstep_sr` metadata; expected one "
@@ -69,10 +71,8 @@ def read_sr_weights(path: str | Path) -> dict:
                 if keys:
                     sd[f"state_dict_{part}"] = {k[len(part) + 1:]: f.get_tensor(k) for k in keys}
         return sd
-    try:  # memory-mapped: a DLoRAL model.pkl holds a whole UNet; tensors are read when copied into the model
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # pre-1.6 (non-zip) pickles cannot be mapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    # memory-mapped: a DLoRAL model.pkl holds a whole UNet; tensors are read when copied into the model
+    sd = checkpoint_io.read_torch_file(path, PICKLE_WHAT, mmap=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path.name}: expected a dict of SR weights, found {type(sd).__name__}.")
     return sd
@@ -82,9 +82,7 @@ def sr_method(path: str | Path) -> str:
     """Which SR method a weights file holds ("osediff", "pisa-sr", "dloral"), without reading its tensors."""
     path = Path(path)
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with checkpoint_io.open_safetensors(path, SAFETENSORS_WHAT) as f:
             meta = (f.metadata() or {}).get("swiftstep_sr")
         if meta is not None:
             return json.loads(meta).get("method") or detect_layout(json.loads(meta))
@@ -177,6 +175,14 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         self._prompt_cache: dict = {}
 
     # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_single_file(cls, pretrained_model_link_or_path, **kwargs):
+        """The SD2.1-base model from one original-layout `.safetensors`/`.ckpt` file (diffusers' converter), after
+        checking that the file reads as one (diffusers' own error names neither the expected nor the found)."""
+        if not str(pretrained_model_link_or_path).startswith(("http://", "https://")):
+            single_file.checkpoint_family(pretrained_model_link_or_path)
+        return super().from_single_file(pretrained_model_link_or_path, **kwargs)
+
     def load_sr_weights(self, path: str | Path) -> str:
         """Load OSEDiff or PiSA-SR weights (recognised by their keys); returns the method name."""
         from peft import LoraConfig
@@ -258,20 +264,27 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
 
     # ------------------------------------------------------------------ helpers
     @staticmethod
-    def to_images(image) -> list:
+    def to_images(image, name: str = "image", first: int = 0) -> list:
         """PIL / list of PIL / numpy [H,W,C] or [B,H,W,C] / torch [C,H,W] or [B,C,H,W] → list of RGB PIL or float
-        [3, H, W] tensors in [0, 1]. Alpha is dropped and 16-bit data rescaled, with a warning."""
+        [3, H, W] tensors in [0, 1]. Alpha is dropped and 16-bit data rescaled, with a warning. Errors name the
+        argument `name` and the item (numbered from `first`)."""
         import warnings
 
+        single = isinstance(image, Image.Image) or (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim != 4)
         if isinstance(image, (Image.Image, np.ndarray, torch.Tensor)):
-            image = [image] if not (isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim == 4) \
-                else list(image)
+            image = [image] if single else list(image)
         image = list(image)
         if not image:
-            raise ValueError("`image` is an empty batch.")
+            raise ValueError(f"`{name}` is an empty batch.")
         out = []
-        for im in image:
-            if isinstance(im, Image.Image):
+        for i, im in enumerate(image):
+            item = f"`{name}`" if single else f"`{name}[{first + i}]`"
+            pil = isinstance(im, Image.Image)
+            size = im.size if pil else tuple(np.shape(im))
+            if 0 in size:
+                found = f"a {size[0]}×{size[1]} (width×height) PIL image" if pil else f"shape {size}"
+                raise ValueError(f"{item} is empty: expected an image of at least 1×1 px, found {found}.")
+            if pil:
                 if im.mode != "RGB":
                     if im.mode in ("RGBA", "LA", "P", "I;16", "I", "F"):
                         warnings.warn(f"converting a {im.mode} image to RGB (alpha dropped / bit depth reduced)",
@@ -294,7 +307,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             if arr.shape[0] == 1:
                 arr = arr.expand(3, -1, -1)
             if arr.ndim != 3 or arr.shape[0] != 3:
-                raise ValueError(f"expected an RGB image, got a tensor of shape {tuple(arr.shape)}.")
+                raise ValueError(f"{item}: expected an RGB image, got a tensor of shape {tuple(arr.shape)}.")
             out.append(arr.clamp(0, 1))
         return out
 
@@ -415,6 +428,8 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             raise ValueError("Load SR weights first: pipe.load_sr_weights('osediff.pkl' or 'pisa_sr.pkl').")
         if output_type not in ("pil", "np", "pt"):
             raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        lambda_pix = finite.check_finite("lambda_pix", lambda_pix)
+        lambda_sem = finite.check_finite("lambda_sem", lambda_sem)
         if self.sr_method != "pisa-sr" and (lambda_pix, lambda_sem) != (1.0, 1.0):
             raise ValueError("`lambda_pix`/`lambda_sem` need PiSA-SR weights; OSEDiff has a single LoRA.")
         tile = self._check_sr_args(upscale, color_fix, tile_size, tile_overlap)

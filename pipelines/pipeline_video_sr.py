@@ -193,7 +193,7 @@ class VideoSRPipeline(OneStepSRPipeline):
         it, total = self._frames(frames)
         first = list(itertools.islice(it, 2))
         if len(first) < 2:
-            raise ValueError(f"a video needs at least 2 frames, got {len(first)}; for a single image use "
+            raise ValueError(f"`frames`: a video needs at least 2 frames, got {len(first)}; for a single image use "
                              f"OneStepSRPipeline.")
         device, dtype = self._execution_device, self.unet.dtype
         embeds = self._prompt_embeds(prompt, device).to(dtype)
@@ -214,7 +214,7 @@ class VideoSRPipeline(OneStepSRPipeline):
             tqdm(**{"unit": "frame", **getattr(self, "_progress_bar_config", {})})  # unknown length: a count
         with bar as progress:
             while batch := list(itertools.islice(it, chunk)):
-                images = self.to_images(batch)
+                images = self.to_images(batch, "frames", first=done)
                 sizes = [im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1]) for im in images]
                 size0 = size0 or sizes[0]
                 for j, s in enumerate(sizes):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+from . import checkpoint_io
 
 REFERENCE_REPOS = {  # configs diffusers fetches for each family when no `config=` is given
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -12,6 +12,7 @@ REFERENCE_REPOS = {  # configs diffusers fetches for each family when no `config
     "sdxl": "stabilityai/stable-diffusion-xl-base-1.0",
 }
 
+EXPECTED = "an SD1.x/SD2.x/SDXL checkpoint in the original (Stability/LDM) key layout"
 _UNET_KEY = "model.diffusion_model.input_blocks.0.0.weight"
 _FAMILY_KEYS = {  # a key only that family's text encoder has
     "sdxl": "conditioner.embedders.1.model.token_embedding.weight",
@@ -31,13 +32,13 @@ def checkpoint_keys(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path.resolve()}.")
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
+        with checkpoint_io.open_safetensors(path, EXPECTED) as f:
             return list(f.keys())
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        sd = sd.get("state_dict", sd)
+        sd = checkpoint_io.read_torch_file(path, EXPECTED, mmap=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+        if not isinstance(sd, dict):
+            raise ValueError(f"{path.name}: expected {EXPECTED} (a dict of tensors), found a {type(sd).__name__}.")
         return list(sd.keys())
     raise ValueError(f"{path.name}: expected a .safetensors or .ckpt checkpoint, got a '{path.suffix}' file.")
 

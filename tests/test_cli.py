@@ -143,3 +143,32 @@ def test_upscale_video_keeps_every_frame_the_frame_rate_and_the_audio(tmp_path):
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
     assert main(["upscale-video", str(tmp_path / "bad.mp4"), "--out", str(tmp_path / "o.mp4"), "--base",
                  str(tmp_path / "sd21"), "--weights", str(tmp_path / "model.pkl"), "--device", "cpu"]) == 2
+
+
+def test_upscale_names_a_bad_input_file_weights_file_base_file_and_lambda(models, tmp_path, capsys):
+    from .sr_fixtures import make_pisa_pkl
+
+    base = OneStepPipeline.from_pretrained(models["sd2"]["folder"]).components
+    weights = tmp_path / "pisa_sr.pkl"
+    make_pisa_pkl(base["unet"], weights)
+    good, bad = tmp_path / "good.png", tmp_path / "notes.png"
+    Image.new("RGB", (8, 8)).save(good)
+    bad.write_text("not an image")
+    Image.fromarray((np.random.default_rng(0).random((64, 64, 3)) * 255).astype(np.uint8)).save(tmp_path / "big.png")
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((tmp_path / "big.png").read_bytes()[:6000])
+    folder = str(models["sd2"]["folder"])
+    run = lambda *extra: main(["upscale", *extra, "--device", "cpu", "--out", str(tmp_path / "up")])  # noqa: E731
+    for src, found in [(bad, "cannot identify image file"), (cut, "image file is truncated")]:
+        assert run(str(src), "--base", folder, "--weights", str(weights)) == 2
+        assert f"input: {src.name}: expected an image file PIL reads (PNG, JPEG, WebP, …); found: {found}" in \
+            capsys.readouterr().err
+    assert run(str(good), "--base", folder, "--weights", str(weights), "--lambda-pix", "nan") == 2
+    assert "`lambda_pix` must be a finite number, got nan" in capsys.readouterr().err
+    (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")
+    assert run(str(good), "--base", folder, "--weights", str(tmp_path / "cut.safetensors")) == 2
+    assert "cut.safetensors: expected SR weights exported by save_sr_weights" in capsys.readouterr().err
+    assert run(str(good), "--base", str(bad.rename(tmp_path / "base.safetensors")), "--weights", str(weights)) == 2
+    assert "base.safetensors: expected an SD1.x/SD2.x/SDXL checkpoint in the original (Stability/LDM) key layout in " \
+           "the safetensors format; the safetensors parser found: Error while deserializing header" in \
+           capsys.readouterr().err

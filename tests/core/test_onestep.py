@@ -7,6 +7,7 @@ import torch
 
 from swiftstep.core import onestep
 from swiftstep.core.onestep import FewStepSampler, NoiseSchedule, StepRule
+
 from ..tolerance import assert_close_to_scale
 
 AC = onestep.alphas_cumprod()

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swiftstep.core.tiling import gaussian_weights, tile_starts, tiled_apply
+
 from ..tolerance import assert_close_to_scale
 
 

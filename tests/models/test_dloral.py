@@ -6,8 +6,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from swiftstep.models.dloral import CrossFrameRetrieval
 
-from ..video_fixtures import UNUSED_BPP, ref_cross_frame_attention, ref_flow_warp, tiny_cfr
 from ..tolerance import assert_close_to_scale
+from ..video_fixtures import UNUSED_BPP, ref_cross_frame_attention, ref_flow_warp, tiny_cfr
 
 # read off the official CFR_model(mid_channels=64, num_blocks=7) state_dict (148 keys; 72 used by its forward)
 OFFICIAL_SHAPES = {

@@ -59,3 +59,24 @@ def test_interrupt_and_bad_tiles(comfy):
     fakes.INTERRUPT["flag"] = True
     with pytest.raises(fakes.InterruptProcessingException):
         comfy.SwiftStepUpscale.execute(model, image, 4, 1.0, 1.0, "adain", 96, 32, 64, 0)
+
+
+def test_bad_images_lambdas_and_weight_files_are_named(comfy, tmp_path):
+    (model,) = comfy.SwiftStepSRLoader.execute("diffusers/sd21-base", "pisa_sr.pkl", "auto").args
+    for image in (torch.rand(1, 0, 16, 3), torch.rand(2, 8, 0, 3), torch.rand(0, 8, 8, 3)):
+        with pytest.raises(ValueError, match=rf"SwiftStepUpscale: input `image` must be an IMAGE batch \[B, H, W, C\] "
+                                             rf"of at least one image with every side ≥ 1, found shape "
+                                             rf"\({', '.join(map(str, image.shape))}\)"):
+            comfy.SwiftStepUpscale.execute(model, image, 4, 1.0, 1.0, "adain", 96, 32, 64, 0)
+    with pytest.raises(ValueError, match="`lambda_pix` must be a finite number, got nan"):
+        comfy.SwiftStepUpscale.execute(model, torch.rand(1, 8, 8, 3), 4, float("nan"), 1.0, "adain", 96, 32, 64, 0)
+    with pytest.raises(ValueError, match="`lambda_sem` must be a finite number, got inf"):
+        comfy.SwiftStepUpscale.execute(model, torch.rand(1, 8, 8, 3), 4, 1.0, float("inf"), "adain", 96, 32, 64, 0)
+    weights = tmp_path / "models" / "swiftstep"
+    (weights / "cut.pkl").write_bytes((weights / "pisa_sr.pkl").read_bytes()[:1000])
+    with pytest.raises(ValueError, match=r"cut.pkl: expected SR weights .*found a truncated or damaged zip archive"):
+        comfy.SwiftStepSRLoader.execute("diffusers/sd21-base", "cut.pkl", "auto")
+    (weights / "notes.safetensors").write_text("not weights")
+    with pytest.raises(ValueError, match="notes.safetensors: expected SR weights exported by save_sr_weights .* "
+                                         "header too large"):
+        comfy.SwiftStepSRLoader.execute("diffusers/sd21-base", "notes.safetensors", "auto")

@@ -58,5 +58,10 @@ def test_wrong_model_or_input_is_a_clear_error(comfy):
         comfy.SwiftStepVideoUpscale.execute(image, frames(), 4, "full", "", "adain", 96, 32, 512, 1, 0)
     with pytest.raises(ValueError, match="input `frames` has 1 frame; a video needs at least 2"):
         comfy.SwiftStepVideoUpscale.execute(video, frames(1), 4, "full", "", "adain", 96, 32, 512, 1, 0)
+    with pytest.raises(ValueError, match="input `frames` has 0 frames; a video needs at least 2"):
+        comfy.SwiftStepVideoUpscale.execute(video, frames(0), 4, "full", "", "adain", 96, 32, 512, 1, 0)
+    with pytest.raises(ValueError, match=r"SwiftStepVideoUpscale: input `frames` must be an IMAGE batch .* found "
+                                         r"shape \(3, 128, 0, 3\)"):
+        comfy.SwiftStepVideoUpscale.execute(video, frames()[:, :, :0], 4, "full", "", "adain", 96, 32, 512, 1, 0)
     with pytest.raises(ValueError, match=r"input `tile_overlap` \(96\) must be smaller"):
         comfy.SwiftStepVideoUpscale.execute(video, frames(), 4, "full", "", "adain", 96, 96, 512, 1, 0)

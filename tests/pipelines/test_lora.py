@@ -114,3 +114,13 @@ def test_lora_for_another_model_is_an_error(models, tmp_path, name, state, match
     save_file(state, str(tmp_path / name))
     with pytest.raises(ValueError, match=match):
         pipe.load_lora_weights(tmp_path / name)
+
+
+def test_truncated_lora_file_names_the_file_and_what_was_expected(models, tmp_path):
+    pipe = _load(models, "sd1")
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    save_file({f"{name}.lora_down.weight": torch.zeros(4, 8), f"{name}.lora_up.weight": torch.zeros(8, 4)},
+              str(tmp_path / "full.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes((tmp_path / "full.safetensors").read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"cut.safetensors: expected a LoRA .* safetensors parser found: .*"):
+        pipe.load_lora_weights(tmp_path / "cut.safetensors")

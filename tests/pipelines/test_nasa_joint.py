@@ -6,6 +6,7 @@ from diffusers import FluxTransformer2DModel
 
 from swiftstep.pipelines.nasa_joint import JointNASAProcessor
 from swiftstep.pipelines.nasa_processor import apply_nasa
+
 from ..tolerance import assert_close_to_scale
 
 pytestmark = pytest.mark.filterwarnings("ignore:NASA/NAG on FLUX is experimental")

@@ -9,6 +9,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from swiftstep.pipelines import OneStepPipeline
 from swiftstep.pipelines.nasa_processor import NASAAttnProcessor, apply_nasa, make_context, nasa_attention
+
 from ..tolerance import assert_close_to_scale
 
 

@@ -127,6 +127,10 @@ def test_bad_input(pipe):
         pipe(1, num_iter=2, step_schedule="fast")
     with pytest.raises(ValueError, match="cfg_schedule"):
         pipe(1, num_iter=2, cfg_schedule="cosine")
+    for name, value in [("cfg", float("nan")), ("cfg", float("inf")), ("temperature", float("nan")),
+                        ("temperature", -float("inf")), ("temperature", None)]:
+        with pytest.raises(ValueError, match=rf"`{name}` must be a finite number, got {value!r}"):
+            pipe(1, num_iter=2, **{name: value})
 
 
 def test_wrong_size_checkpoint_and_too_many_iterations(pipe, tmp_path):

@@ -141,6 +141,29 @@ def test_bad_input_is_a_clear_error(models, pipe, pkls, tmp_path):
         OneStepSRPipeline.from_pretrained(models["sd1"]["folder"])
 
 
+@pytest.mark.parametrize("method", ["osediff", "pisa-sr"])
+@pytest.mark.parametrize("name,value", [("lambda_pix", float("nan")), ("lambda_sem", float("inf")),
+                                        ("lambda_sem", -float("inf")), ("lambda_pix", "1")])
+def test_a_lambda_that_is_not_a_finite_number_is_refused(pipe, pkls, method, name, value):
+    pipe.load_sr_weights(pkls[method][0])  # OSEDiff too: the value is named, not "need PiSA-SR weights"
+    with pytest.raises(ValueError, match=rf"`{name}` must be a finite number, got {value!r}"):
+        pipe(lq_image(), min_side=MIN_SIDE, **{name: value})
+
+
+def test_an_image_with_a_zero_length_side_or_an_empty_batch_is_refused(pipe, pkls):
+    pipe.load_sr_weights(pkls["pisa-sr"][0])
+    arr = np.zeros((16, 0, 3), np.uint8)
+    for image, found in [(Image.new("RGB", (0, 16)), r"`image` is empty: .* found a 0×16 \(width×height\) PIL image"),
+                         (torch.rand(3, 0, 16), r"`image` is empty: .* found shape \(3, 0, 16\)"),
+                         (torch.rand(0, 16, 16), r"`image` is empty: .* found shape \(0, 16, 16\)"),
+                         ([lq_image(), arr], r"`image\[1\]` is empty: .* found shape \(16, 0, 3\)"),
+                         (torch.rand(2, 3, 8, 0), r"`image\[0\]` is empty: .* found shape \(3, 8, 0\)"),
+                         (torch.rand(0, 3, 8, 8), "`image` is an empty batch"),
+                         (np.zeros((0, 8, 8, 3)), "`image` is an empty batch")]:
+        with pytest.raises(ValueError, match=found):
+            pipe(image, min_side=MIN_SIDE)
+
+
 def test_tiled_vae_with_image_wide_groupnorm_matches_untiled(pipe, pkls):
     pipe.load_sr_weights(pkls["osediff"][0])
     lq = lq_image(24, 40, seed=6)

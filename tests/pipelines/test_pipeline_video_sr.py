@@ -2,7 +2,7 @@
 
 The reference is the DLoRAL procedure written from its equations in float64 (flow warp as explicit bilinear
 sampling, the whole HW × HW absolute attention, the UNet with the six LoRAs unmerged as the official script runs
-them). The released code itself was run against this pipeline outside the test suite (README, "Video SR")."""
+them). The released code itself was run against this pipeline outside the test suite (docs/video-super-resolution.md)."""
 
 import copy
 
@@ -166,6 +166,15 @@ def test_bad_input_is_a_clear_error(comps, pkl, pipe, tmp_path):
         pipe(frames)
     with pytest.raises(ValueError, match=r"needs \(upscaled\) frames of at least 512×512 px.*got 128×128"):
         pipe([torch.rand(3, 32, 32)] * 2, min_side=128)
+    with pytest.raises(ValueError, match=r"`frames\[1\]` is empty: expected an image of at least 1×1 px, found "
+                                         r"shape \(3, 0, 136\)"):
+        pipe(clip(1) + [torch.rand(3, 0, 136)], chunk_frames=2)
+    with pytest.raises(ValueError, match=r"`frames\[0\]` is empty: .* found a 136×0 \(width×height\) PIL image"):
+        pipe([Image.new("RGB", (136, 0))] * 2)
+    with pytest.raises(ValueError, match=r"`frames\[0\]` is empty: .* found shape \(0, 128, 136\)"):
+        pipe(torch.rand(2, 0, 128, 136))
+    with pytest.raises(ValueError, match="`frames`: a video needs at least 2 frames, got 0"):
+        pipe(torch.rand(0, 3, 128, 136))
     fresh = VideoSRPipeline(**{k: copy.deepcopy(v) if k == "unet" else v for k, v in comps.items()})
     with pytest.raises(ValueError, match="Load DLoRAL weights first"):
         fresh(clip(2))
