@@ -10,6 +10,7 @@ from comfy_api.latest import io
 
 from ..core import imagenet
 from .dependencies import required_by
+from .managed_pipeline import ManagedPipeline
 
 MAR_MODEL = io.Custom("SWIFTSTEP_MAR_MODEL")
 SCHEDULES = ("disa-linear", "disa-cosine", "disa-two-stage", "constant")
@@ -48,7 +49,6 @@ class SwiftStepMARLoader(io.ComfyNode):
 
     @classmethod
     def execute(cls, mar_checkpoint, vae_checkpoint, size) -> io.NodeOutput:
-        import comfy.model_management
         import folder_paths
 
         with required_by("SwiftStepMARLoader"):
@@ -57,7 +57,7 @@ class SwiftStepMARLoader(io.ComfyNode):
         pipe = MARPipeline.from_official(folder_paths.get_full_path_or_raise("swiftstep", mar_checkpoint),
                                          folder_paths.get_full_path_or_raise("swiftstep", vae_checkpoint), size)
         pipe.set_progress_bar_config(disable=True)
-        return io.NodeOutput(pipe.to(comfy.model_management.get_torch_device()))
+        return io.NodeOutput(ManagedPipeline(pipe))
 
 
 class SwiftStepMARSample(io.ComfyNode):
@@ -110,10 +110,11 @@ class SwiftStepMARSample(io.ComfyNode):
             comfy.model_management.throw_exception_if_processing_interrupted()
             progress.update_absolute(done, total)
 
-        images = mar_model([imagenet.from_picker(class_name)] * batch_size, num_iter=num_iter, step_schedule=step_schedule,
-                           steps_start=steps_start, steps_end=steps_end, cfg=cfg, cfg_schedule=cfg_schedule,
-                           temperature=temperature, generator=torch.Generator().manual_seed(seed),
-                           official_compat=official_compat, output_type="pt", callback_on_iteration=on_iteration).images
+        pipe = mar_model.loaded()
+        images = pipe([imagenet.from_picker(class_name)] * batch_size, num_iter=num_iter, step_schedule=step_schedule,
+                      steps_start=steps_start, steps_end=steps_end, cfg=cfg, cfg_schedule=cfg_schedule,
+                      temperature=temperature, generator=torch.Generator().manual_seed(seed),
+                      official_compat=official_compat, output_type="pt", callback_on_iteration=on_iteration).images
         return io.NodeOutput(images.permute(0, 2, 3, 1).float().to(comfy.model_management.intermediate_device()))
 
 

@@ -14,6 +14,7 @@ import torch
 from comfy_api.latest import io
 
 from .dependencies import required_by
+from .managed_pipeline import ManagedPipeline
 
 SR_MODEL = io.Custom("SWIFTSTEP_SR_MODEL")
 COLOR_FIXES = ("adain", "wavelet", "none")
@@ -80,10 +81,9 @@ def load_sr_model(base: str, weights: str, dtype: str):
         raise ValueError(f"SwiftStepSRLoader: input `base` must start with diffusers/ or checkpoints/, got {base!r}.")
     pipe.load_sr_weights(weights_path)
     pipe.set_progress_bar_config(disable=True)
-    device = comfy.model_management.get_torch_device()
-    if torch_dtype is None and device.type == "cuda":
+    if torch_dtype is None and comfy.model_management.get_torch_device().type == "cuda":
         pipe.to(torch.float16)
-    return pipe.to(device)
+    return ManagedPipeline(pipe)
 
 
 _register_folder()  # models/swiftstep, as soon as ComfyUI imports the pack
@@ -159,7 +159,7 @@ class SwiftStepUpscale(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        if getattr(sr_model, "sr_method", None) == "dloral":
+        if sr_model.pipe.sr_method == "dloral":
             raise ValueError("SwiftStepUpscale: input `sr_model` holds DLoRAL video weights; connect it to SwiftStep "
                              "Video Upscale (frames in, frames out).")
         if tile_overlap >= tile_size:
@@ -167,12 +167,13 @@ class SwiftStepUpscale(io.ComfyNode):
                              f"`tile_size` ({tile_size}).")
         check_images("SwiftStepUpscale", "image", image)
         frames = image.permute(0, 3, 1, 2).float().cpu()  # IMAGE [B, H, W, C] → [B, C, H, W]
+        pipe = sr_model.loaded()
         progress = comfy.utils.ProgressBar(frames.shape[0])
         generator = torch.Generator("cpu").manual_seed(seed)
         outs = []
         for i, frame in enumerate(frames):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            out = sr_model(frame, upscale=upscale, lambda_pix=lambda_pix, lambda_sem=lambda_sem, color_fix=color_fix,
+            out = pipe(frame, upscale=upscale, lambda_pix=lambda_pix, lambda_sem=lambda_sem, color_fix=color_fix,
                            tile_size=tile_size, tile_overlap=tile_overlap, min_side=min_side, generator=generator,
                            output_type="pt").images
             outs.append(out.permute(0, 2, 3, 1))
@@ -224,8 +225,8 @@ class SwiftStepVideoUpscale(io.ComfyNode):
         import comfy.model_management
         import comfy.utils
 
-        if getattr(sr_model, "sr_method", None) != "dloral":
-            raise ValueError(f"SwiftStepVideoUpscale: input `sr_model` holds {getattr(sr_model, 'sr_method', None)} "
+        if sr_model.pipe.sr_method != "dloral":
+            raise ValueError(f"SwiftStepVideoUpscale: input `sr_model` holds {sr_model.pipe.sr_method} "
                              f"image weights; load DLoRAL's model.pkl in SwiftStep SR Loader (or use SwiftStep "
                              f"Upscale for images).")
         if tile_overlap >= tile_size:
@@ -244,7 +245,7 @@ class SwiftStepVideoUpscale(io.ComfyNode):
             progress.update_absolute(done, total)
 
         device = comfy.model_management.intermediate_device()
-        outs = [frame.permute(1, 2, 0).to(device) for frame in sr_model.stream(
+        outs = [frame.permute(1, 2, 0).to(device) for frame in sr_model.loaded().stream(
             clip, upscale=upscale, prompt=prompt, stages=stages, color_fix=color_fix, tile_size=tile_size,
             tile_overlap=tile_overlap, chunk_frames=chunk_frames, min_side=min_side,
             generator=torch.Generator("cpu").manual_seed(seed), callback_on_frame=on_frame)]

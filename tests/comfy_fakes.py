@@ -274,6 +274,32 @@ def throw_exception_if_processing_interrupted():
         raise InterruptProcessingException()
 
 
+LOADED = []  # comfy.model_management.current_loaded_models: the patchers on their load device
+
+
+class ModulePatcher:
+    """comfy.model_patcher.ModelPatcher for a plain nn.Module (as ComfyUI wraps its VAE): load/offload devices."""
+
+    def __init__(self, model, load_device, offload_device, size=0, weight_inplace_update=False):
+        self.model, self.load_device, self.offload_device = model, load_device, offload_device
+        self.loads = 0
+
+
+def load_models_gpu(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                    force_full_load=False):
+    for patcher in models:
+        if patcher not in LOADED:
+            patcher.model.to(patcher.load_device)
+            patcher.loads += 1
+            LOADED.append(patcher)
+
+
+def unload_all_models():
+    for patcher in LOADED:
+        patcher.model.to(patcher.offload_device)
+    LOADED.clear()
+
+
 # ----------------------------------------------------------------------------- comfy.samplers
 
 
@@ -474,16 +500,23 @@ def install(monkeypatch, models_root=None) -> types.SimpleNamespace:
     mm = types.ModuleType("comfy.model_management")
     mm.throw_exception_if_processing_interrupted = throw_exception_if_processing_interrupted
     mm.get_torch_device = lambda: torch.device("cpu")
+    mm.unet_offload_device = lambda: torch.device("cpu")
+    mm.load_models_gpu, mm.unload_all_models, mm.current_loaded_models = load_models_gpu, unload_all_models, LOADED
+    LOADED.clear()
+    model_patcher = types.ModuleType("comfy.model_patcher")
+    model_patcher.ModelPatcher = ModulePatcher
     mm.intermediate_device = lambda: torch.device("cpu")
     utils = types.ModuleType("comfy.utils")
     utils.ProgressBar = ProgressBar
     comfy.utils = utils
     mm.InterruptProcessingException = InterruptProcessingException
     comfy.samplers, comfy.model_sampling, comfy.model_management, comfy.ldm = samplers, ms, mm, ldm
+    comfy.model_patcher = model_patcher
 
     for name, module in {"comfy_api": comfy_api, "comfy_api.latest": latest, "comfy": comfy,
                          "comfy.samplers": samplers, "comfy.model_sampling": ms, "comfy.model_management": mm,
                          "comfy.ldm": ldm, "comfy.ldm.modules": ldm_modules, "comfy.utils": utils,
+                         "comfy.model_patcher": model_patcher,
                          "folder_paths": FolderPaths(models_root),
                          "comfy.ldm.modules.attention": attention}.items():
         monkeypatch.setitem(sys.modules, name, module)

@@ -32,7 +32,7 @@ def test_loader_lists_folders_and_loads(comfy):
     assert "diffusers/sd21-base" in options["base"]
     assert options["weights"] == ["osediff.pkl", "pisa_sr.pkl"]
     (model,) = comfy.SwiftStepSRLoader.execute("diffusers/sd21-base", "pisa_sr.pkl", "auto").args
-    assert model.sr_method == "pisa-sr"
+    assert model.pipe.sr_method == "pisa-sr"
     with pytest.raises(FileNotFoundError, match="no diffusers folder 'nope'"):
         comfy.SwiftStepSRLoader.execute("diffusers/nope", "pisa_sr.pkl", "auto")
 
@@ -44,7 +44,7 @@ def test_upscale_image_batch_matches_the_pipeline(comfy):
     assert out.shape == (2, 48, 64, 3) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     assert fakes.ProgressBar.last.current == 2
     g = torch.Generator().manual_seed(5)
-    ref = [model(f, lambda_pix=0.8, lambda_sem=1.2, min_side=64, generator=g, output_type="pt").images[0]
+    ref = [model.pipe(f, lambda_pix=0.8, lambda_sem=1.2, min_side=64, generator=g, output_type="pt").images[0]
            for f in image.permute(0, 3, 1, 2)]
     torch.testing.assert_close(out, torch.stack(ref).permute(0, 2, 3, 1))
 

@@ -36,12 +36,12 @@ def frames(n=3):
 
 def test_loader_picks_the_video_pipeline_and_upscale_matches_it(comfy):
     (model,) = comfy.SwiftStepSRLoader.execute("diffusers/sd21-base", "model.pkl", "auto").args
-    assert type(model).__name__ == "VideoSRPipeline" and model.sr_method == "dloral"
+    assert type(model.pipe).__name__ == "VideoSRPipeline" and model.pipe.sr_method == "dloral"
     clip = frames()
     (out,) = comfy.SwiftStepVideoUpscale.execute(model, clip, 4, "full", "a cat", "adain", 96, 32, 512, 2, 7).args
     assert out.shape == (3, 512, 544, 3) and out.dtype == torch.float32 and 0 <= out.min() and out.max() <= 1
     assert fakes.ProgressBar.last.current == 3
-    ref = model(clip.permute(0, 3, 1, 2), prompt="a cat", generator=torch.Generator().manual_seed(7),
+    ref = model.pipe(clip.permute(0, 3, 1, 2), prompt="a cat", generator=torch.Generator().manual_seed(7),
                 output_type="pt").images
     torch.testing.assert_close(out, ref.permute(0, 2, 3, 1), rtol=0, atol=1e-4)
     fakes.INTERRUPT["flag"] = True
