@@ -161,8 +161,11 @@ class SwiftStepNASA(io.ComfyNode):
             node_id="SwiftStepNASA",
             display_name="SwiftStep NASA / NAG Negative Prompt",
             category="swiftstep/guidance",
-            description="A negative prompt without CFG: NASA (SNOOPI) or NAG in every text cross-attention. For "
-                        "one-step and few-step models; sample at cfg 1.0.",
+            description="A negative prompt without CFG: NASA (SNOOPI) or NAG in every text cross-attention of "
+                        "SD1.x/SD2.x/SDXL UNets and PixArt, for one-step and few-step models; sample at cfg 1.0. The "
+                        "negative prompt costs one extra attention over its tokens per cross-attention, not a second "
+                        "batch: about 1.0x the plain step where CFG costs 1.7x (bench/nasa.py). Core's NAGuidance "
+                        "patches the self/joint-attention output and runs the negative as a CFG batch.",
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x, SD2.x or SDXL model (any loader). Not modified: the node "
                                                 "returns a patched clone."),

@@ -101,7 +101,9 @@ class SwiftStepSRLoader(io.ComfyNode):
             display_name="SwiftStep SR Loader (OSEDiff / PiSA-SR / DLoRAL)",
             category="swiftstep/upscale",
             description="Loads an SD2.1-base model with one-step super-resolution weights: OSEDiff or PiSA-SR for "
-                        "images (SwiftStep Upscale), DLoRAL for video (SwiftStep Video Upscale).",
+                        "images (SwiftStep Upscale), DLoRAL for video (SwiftStep Video Upscale). One UNet pass of "
+                        "SD2.1 (0.87 B parameters) + small LoRAs per tile; core's SeedVR2 is a 3 B / 7 B DiT. Held "
+                        "under ComfyUI's model management (offloaded and freed like its own models).",
             inputs=[
                 io.Combo.Input("base", options=bases, default=bases[0],
                                tooltip="SD2.1-base: a diffusers folder in models/diffusers (offline), or a single "
