@@ -7,7 +7,8 @@ import json
 import pytest
 
 from . import comfy_fakes as fakes
-from .workflow_format import WORKFLOWS, core_specs, spec_from_schema, to_api, validate
+from .workflow_format import (WORKFLOWS, core_specs, layout_problems, node_box, spec_from_schema, to_api,
+                              validate)
 
 
 @pytest.fixture
@@ -61,3 +62,35 @@ def test_validation_catches_drift(specs):
     sigmas_link = next(r for r in w["links"] if r[5] == "SIGMAS")
     sigmas_link[2], sigmas_link[5] = 0, "MODEL"  # wire a MODEL into `sigmas`
     assert any("takes SIGMAS" in e for e in validate(w, specs))
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_is_laid_out_left_to_right_without_overlaps(path):
+    """Nodes from `pos`/`size` (title bar above `pos`): none on top of or within 30 px of another, none under the
+    sidebar or above the canvas, every link running from a node to one right of it (Notes aside), groups around
+    whole nodes."""
+    assert layout_problems(json.loads(path.read_text())) == []
+
+
+def test_layout_check_catches_hand_placed_layouts():
+    base = json.loads(next(w for w in WORKFLOWS if w.stem == "sd_turbo_fast_path").read_text())
+    by_type = {n["type"]: i for i, n in enumerate(base["nodes"])}
+    assert layout_problems(base) == []
+
+    w = copy.deepcopy(base)  # the Fast Path node under the Prompt node, as the first version of this file had it
+    fast, prompt = w["nodes"][by_type["SwiftStepFastPath"]], next(n for n in w["nodes"] if n.get("title") == "Prompt")
+    fast["pos"] = [prompt["pos"][0], prompt["pos"][1] - 40]
+    assert any("overlap" in e and "SwiftStepFastPath" in e for e in layout_problems(w))
+
+    w = copy.deepcopy(base)  # Save Image 20 px right of VAE Decode: no overlap, but closer than the 30 px gap
+    decode, save = w["nodes"][by_type["VAEDecode"]], w["nodes"][by_type["SaveImage"]]
+    save["pos"] = [node_box(decode)[2] + 20, decode["pos"][1]]
+    assert any("closer than" in e for e in layout_problems(w))
+
+    w = copy.deepcopy(base)  # a link running right to left: Save Image moved below the loader
+    w["nodes"][by_type["SaveImage"]]["pos"] = [60, 2000]
+    assert any("right to left" in e for e in layout_problems(w))
+
+    w = copy.deepcopy(base)  # under the sidebar / above the canvas
+    w["nodes"][by_type["Note"]]["pos"] = [10, 10]
+    assert any("keep x >= 50" in e for e in layout_problems(w))

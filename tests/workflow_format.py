@@ -146,3 +146,63 @@ def to_api(workflow: dict, specs: dict) -> dict:
                 inputs[inp["name"]] = [str(src), src_slot]
         prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs}
     return prompt
+
+
+# --------------------------------------------------------------------------- layout
+# A node's box as LiteGraph draws it: `pos` is the top-left of the body, the title bar (NODE_TITLE_HEIGHT, 30 px)
+# sits above it. The left sidebar of the current frontends covers the first ~50 px of the canvas at the default view.
+TITLE_HEIGHT = 30
+MIN_GAP = 30  # px between any two node boxes
+MIN_X = 50
+
+
+def node_box(node: dict, title_height: float = TITLE_HEIGHT) -> tuple[float, float, float, float]:
+    """(left, top, right, bottom) of a UI node, title bar included."""
+    (x, y), (w, h) = node["pos"], node["size"]
+    return x, y - title_height, x + w, y + h
+
+
+def boxes_overlap(a, b, gap: float = 0) -> bool:
+    """Whether boxes (left, top, right, bottom) come closer than `gap` px (0: whether they overlap)."""
+    return a[0] < b[2] + gap and b[0] < a[2] + gap and a[1] < b[3] + gap and b[1] < a[3] + gap
+
+
+def layout_problems(workflow: dict, gap: float = MIN_GAP) -> list[str]:
+    """What makes a workflow look hand-placed: nodes on top of (or closer than `gap` to) each other, nodes off the
+    canvas or under the sidebar, links that run right to left (a wire's source must end left of its target), groups
+    that cut through a node or overlap each other."""
+    errors = []
+    nodes = {n["id"]: n for n in workflow["nodes"]}
+    name = {i: f"node {i} ({n.get('title') or n['type']})" for i, n in nodes.items()}
+    boxes = {i: node_box(n) for i, n in nodes.items()}
+    for i, (left, top, right, bottom) in boxes.items():
+        if left < MIN_X or top < 0:
+            errors.append(f"{name[i]}: box starts at ({left}, {top}); keep x >= {MIN_X} and the title bar at y >= 0")
+    ids = list(boxes)
+    for k, i in enumerate(ids):
+        for j in ids[k + 1:]:
+            if boxes_overlap(boxes[i], boxes[j], gap):
+                how = "overlap" if boxes_overlap(boxes[i], boxes[j]) else f"are closer than {gap} px"
+                errors.append(f"{name[i]} and {name[j]} {how}: {boxes[i]} / {boxes[j]}")
+    for link_id, src, _, dst, _, _ in workflow["links"]:
+        if "Note" in (nodes[src]["type"], nodes[dst]["type"]):
+            continue
+        if not (nodes[src]["pos"][0] < nodes[dst]["pos"][0] and boxes[src][2] < boxes[dst][0]):
+            errors.append(f"link {link_id} runs right to left: {name[src]} at x {boxes[src][0]}..{boxes[src][2]} "
+                          f"feeds {name[dst]} at x {boxes[dst][0]}")
+    groups = workflow.get("groups", [])
+    for g in groups:
+        gx, gy, gw, gh = g["bounding"]
+        gbox = (gx, gy, gx + gw, gy + gh)
+        if gx < 0 or gy < 0:
+            errors.append(f"group {g['title']!r} starts at negative coordinates")
+        for i, b in boxes.items():
+            inside = gbox[0] <= b[0] and gbox[1] <= b[1] and b[2] <= gbox[2] and b[3] <= gbox[3]
+            if boxes_overlap(gbox, b) and not inside:
+                errors.append(f"group {g['title']!r} cuts through {name[i]}")
+    for k, g in enumerate(groups):
+        for h in groups[k + 1:]:
+            a, b = ([x, y, x + w, y + hh] for x, y, w, hh in (g["bounding"], h["bounding"]))
+            if boxes_overlap(a, b):
+                errors.append(f"groups {g['title']!r} and {h['title']!r} overlap")
+    return errors

@@ -177,8 +177,11 @@ def get_json(url: str):
 def server(comfy_path, base_dir):
     port = _free_port()
     log = (base_dir / "comfyui.log").open("w")
+    # COMFYUI_FRONTEND_ROOT: serve another frontend build (the folder with its index.html), e.g. a newer one
+    frontend_root = os.environ.get("COMFYUI_FRONTEND_ROOT")
+    frontend = ["--front-end-root", frontend_root] if frontend_root else []
     proc = subprocess.Popen([sys.executable, str(comfy_path / "main.py"), "--cpu", "--listen", "127.0.0.1", "--port",
-                             str(port), "--base-directory", str(base_dir), "--disable-auto-launch"],
+                             str(port), "--base-directory", str(base_dir), "--disable-auto-launch", *frontend],
                             cwd=comfy_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
