@@ -83,6 +83,9 @@ class SwiftStepTritonAttention(io.ComfyNode):
             raise ValueError(f"SwiftStepTritonAttention: input `self_attention_8bit` must be one of {EIGHT_BIT}, got "
                              f"{self_attention_8bit!r}.")
         m = model.clone()
+        # Not `set_model_optimized_attention` (ComfyUI ≥ 0.33's setter): it drops the first argument, ComfyUI's own
+        # attention function, which the override falls back to where Triton is not picked. New dicts, not the
+        # clone's, because ComfyUI ≥ 0.33 no longer deep-copies model_options on clone().
         options = dict(m.model_options.get("transformer_options", {}))
         options["optimized_attention_override"] = TritonAttentionOverride(backend, self_attention_8bit)
         m.model_options = {**m.model_options, "transformer_options": options}

@@ -81,8 +81,9 @@ class FastPathWrapper:
         sigmas = options.get("sigmas")
         if torch.is_tensor(sigmas):
             inputs["sigmas"] = sigmas
-        key = tuple((k, tuple(v.shape), v.dtype) for k, v in inputs.items()) + (tuple(options.get("cond_or_uncond",
-                                                                                                     ())),)
+        # the device too: ComfyUI ≥ 0.33 may call one model's wrapper once per GPU (multi-GPU sampling)
+        key = tuple((k, tuple(v.shape), v.dtype, v.device) for k, v in inputs.items()) + \
+            (tuple(options.get("cond_or_uncond", ())),)
 
         def run(buf, _noise):
             opts = dict(options, sigmas=buf["sigmas"]) if "sigmas" in buf else options

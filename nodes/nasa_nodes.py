@@ -32,15 +32,27 @@ def attn2_locations(diffusion_model):
     return found
 
 
+def cache_key(like: torch.Tensor, *modules) -> tuple:
+    """Key of the cached negative K/V: device, dtype and the weights they came from. A LoRA or another patch applied
+    to a clone later changes the weights (new storage or an in-place copy), and ComfyUI ≥ 0.33's `clone()` shares this
+    patch object between clones, so K/V computed before must not be reused then."""
+    weights = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+    return like.device, like.dtype, weights
+
+
 class NASAAttn2Patch:
     """`attn2` replace patch: (q, k, v, extra_options) → combine(Z+, Z−), before ComfyUI applies `to_out`."""
 
     def __init__(self, attn2, negative: torch.Tensor, guidance: nasa.NegativeGuidance):
         self.attn2, self.negative, self.guidance = attn2, negative, guidance
-        self._kv = {}  # (device, dtype) → (K−, V−): the negative prompt is constant over the steps
+        self._kv = {}  # cache_key → (K−, V−): the negative prompt is constant over the steps
+
+    def cleanup(self) -> None:
+        """ComfyUI ≥ 0.33 calls this after sampling: the cache is rebuilt on the next run."""
+        self._kv = {}
 
     def negative_kv(self, like: torch.Tensor):
-        key = (like.device, like.dtype)
+        key = cache_key(like, self.attn2.to_k, self.attn2.to_v)
         if key not in self._kv:
             neg = self.negative.to(device=like.device, dtype=like.dtype)
             with torch.no_grad():
@@ -98,6 +110,9 @@ class PixArtCrossAttnForward:
         self.module, self.y_proj, self.negative, self.combine = module, y_proj, negative, combine
         self._kv = {}
 
+    def cleanup(self) -> None:
+        self._kv = {}
+
     def __call__(self, x, cond, mask=None):
         from comfy.ldm.modules.attention import optimized_attention
 
@@ -107,7 +122,7 @@ class PixArtCrossAttnForward:
         k, v = m.kv_linear(cond).view(1, -1, 2, m.num_heads, m.head_dim).unbind(2)
         q = q.view(B, -1, C)
         z_pos = optimized_attention(q, k.view(B, -1, C), v.view(B, -1, C), m.num_heads, mask=None)
-        key = (x.device, x.dtype)
+        key = cache_key(x, self.y_proj, m.kv_linear)
         if key not in self._kv:
             with torch.no_grad():
                 neg = self.y_proj(self.negative.to(device=x.device, dtype=x.dtype))  # the model's caption MLP

@@ -37,40 +37,64 @@ def spec_from_schema(schema) -> dict:
             "category": schema.category}
 
 
-def _widgets(spec: dict, linked: set[str] = frozenset()) -> list[tuple[str, str, dict]]:
-    """(name, type, options) of the widget inputs in order, leaving out those in `linked`; a COMBO given as a list
-    has its options inline."""
-    out = []
-    for section in ("required", "optional"):
-        for name in spec["input_order"].get(section, []):
-            kind, *rest = spec["input"][section][name]
-            opts = dict(rest[0]) if rest else {}
-            if isinstance(kind, list):
-                kind, opts = "COMBO", {**opts, "options": kind}
-            if kind in WIDGET_TYPES and name not in linked:
-                out.append((name, kind, opts))
-    return out
-
-
 def _linked_inputs(node: dict) -> set[str]:
     return {i["name"] for i in node.get("inputs", []) if i.get("link") is not None}
 
 
-def assign_widgets(node: dict, spec: dict) -> dict:
-    """{input name: value} for a UI node's widgets_values; raises ValueError on a count mismatch."""
+DYNAMIC_COMBO = "COMFY_DYNAMICCOMBO_V3"  # newer ComfyUI (0.33: SaveVideo `format`): a combo whose option adds widgets
+
+
+def _entries(inputs: dict, order: dict | None = None) -> list[tuple[str, str, dict, bool]]:
+    """(name, type, options, optional) of a spec's inputs in order; a COMBO given as a list has its options inline."""
+    out = []
+    for section in ("required", "optional"):
+        names = order.get(section, []) if order is not None else list(inputs.get(section, {}))
+        for name in names:
+            kind, *rest = inputs[section][name]
+            opts = dict(rest[0]) if rest else {}
+            if isinstance(kind, list):
+                kind, opts = "COMBO", {**opts, "options": kind}
+            out.append((name, kind, opts, section == "optional"))
+    return out
+
+
+def _assign(node: dict, spec: dict) -> list[tuple[str, str, dict, object]]:
+    """(input name, type, options, value) for a UI node's widgets_values, in the frontend's order: a dynamic combo's
+    selected option's widgets follow it, named `parent.child`; an optional widget with no value left (added to the
+    node after the workflow was saved) takes its default, as in the frontend. Raises ValueError on a count mismatch."""
     values = list(node.get("widgets_values") or [])
-    out, pos = {}, 0
-    linked = _linked_inputs(node)
-    for name, kind, opts in _widgets(spec):  # a linked widget keeps its slot; its value is not used
-        if pos >= len(values):
-            raise ValueError(f"node {node['id']} ({node['type']}): no value for widget `{name}`")
-        if name not in linked:
-            out[name] = values[pos]
-        # the frontend adds one widget after a seed ("fixed/randomize…") and after a file picker ("upload")
-        pos += 2 if opts.get("control_after_generate") or opts.get("image_upload") or opts.get("video_upload") else 1
+    out, pos = [], 0
+
+    def walk(entries, prefix):
+        nonlocal pos
+        for name, kind, opts, optional in entries:
+            if kind not in WIDGET_TYPES and kind != DYNAMIC_COMBO:
+                continue
+            full = prefix + name
+            if pos >= len(values):
+                if optional:
+                    continue
+                raise ValueError(f"node {node['id']} ({node['type']}): no value for widget `{full}`")
+            value = values[pos]
+            out.append((full, kind, opts, value))
+            # the frontend adds one widget after a seed ("fixed/randomize…") and after a file picker ("upload")
+            pos += 2 if opts.get("control_after_generate") or opts.get("image_upload") or opts.get("video_upload") else 1
+            if kind == DYNAMIC_COMBO:
+                option = next((o for o in opts.get("options", []) if o["key"] == value), None)
+                if option is not None:
+                    walk(_entries(option["inputs"]), full + ".")
+
+    walk(_entries(spec["input"], spec["input_order"]), "")
     if pos != len(values):
         raise ValueError(f"node {node['id']} ({node['type']}): {len(values)} widget values, expected {pos}")
     return out
+
+
+def assign_widgets(node: dict, spec: dict) -> dict:
+    """{input name: value} for a UI node's widgets_values (linked widgets keep their slot; their value is not used);
+    raises ValueError on a count mismatch."""
+    linked = _linked_inputs(node)
+    return {name: value for name, _, _, value in _assign(node, spec) if name not in linked}
 
 
 def _check_value(node, name, kind, opts, value) -> str | None:
@@ -84,6 +108,8 @@ def _check_value(node, name, kind, opts, value) -> str | None:
             return f"{where}: {value} outside [{opts.get('min')}, {opts.get('max')}]"
     if kind == "STRING" and not isinstance(value, str):
         return f"{where}: expected a string, got {value!r}"
+    if kind == DYNAMIC_COMBO and value not in [o["key"] for o in opts.get("options", [])]:
+        return f"{where}: {value!r} is not one of {[o['key'] for o in opts.get('options', [])]}"
     if kind == "COMBO" and opts.get("options") != ["<files>"] and value not in opts.get("options", []):
         return f"{where}: {value!r} is not one of {opts.get('options')}"
     return None
@@ -101,18 +127,20 @@ def validate(workflow: dict, specs: dict) -> list[str]:
             errors.append(f"node {node['id']}: unknown node type {node['type']!r}")
             continue
         try:
-            values = assign_widgets(node, spec)
+            assigned = _assign(node, spec)
         except ValueError as e:
             errors.append(str(e))
             continue
-        for name, kind, opts in _widgets(spec, _linked_inputs(node)):
-            err = _check_value(node, name, kind, opts, values[name])
-            if err:
-                errors.append(err)
+        for name, kind, opts, value in assigned:
+            if name not in _linked_inputs(node):
+                err = _check_value(node, name, kind, opts, value)
+                if err:
+                    errors.append(err)
         all_inputs = {**spec["input"].get("required", {}), **spec["input"].get("optional", {})}
         for name in spec["input"].get("required", {}):
             kind = all_inputs[name][0]
-            if not isinstance(kind, list) and kind not in WIDGET_TYPES and name not in _linked_inputs(node):
+            if not isinstance(kind, list) and kind not in WIDGET_TYPES and kind != DYNAMIC_COMBO and \
+                    name not in _linked_inputs(node):
                 errors.append(f"node {node['id']} ({node['type']}): required input `{name}` is not connected")
         for inp in node.get("inputs", []):
             if inp["name"] not in all_inputs:

@@ -152,3 +152,23 @@ def test_fused_kernel_path_gives_the_same_attention(node, monkeypatch):
     got = patch(q, k, v, {"n_heads": 2})
     assert last_path()["path"] == "triton"
     assert (got - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+def test_cached_negative_keys_follow_weight_patches(node):
+    """A LoRA applied after SwiftStepNASA patches to_k/to_v of the same module (in place or with new storage); the
+    cached negative K/V must follow, also when ComfyUI ≥ 0.33 shares the patch object between clones."""
+    negative = torch.randn(1, 7, 24, dtype=torch.float64)
+    patched = run(node, make_patcher(), negative)
+    patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+    q, k, v = (torch.randn(2, 10, 32, dtype=torch.float64) for _ in range(3))
+    before = patch(q, k, v, {"n_heads": 2})
+    with torch.no_grad():
+        patch.attn2.to_k.weight.add_(0.5)                                    # in place, as a weight patch does
+    got = patch(q, k, v, {"n_heads": 2})
+    ref = reference(patch.attn2, q, k, v, negative, 2, lambda zp, zn: zp - 0.3 * zn)
+    assert (got - before).abs().max() > 1e-3 and (got - ref).abs().max() <= 1e-9 * ref.abs().max()
+    patch.attn2.to_v.weight = torch.nn.Parameter(patch.attn2.to_v.weight * 2)  # new storage
+    ref = reference(patch.attn2, q, k, v, negative, 2, lambda zp, zn: zp - 0.3 * zn)
+    assert (patch(q, k, v, {"n_heads": 2}) - ref).abs().max() <= 1e-9 * ref.abs().max()
+    patch.cleanup()
+    assert patch._kv == {}
