@@ -35,8 +35,11 @@ def attn2_locations(diffusion_model):
 def cache_key(like: torch.Tensor, *modules) -> tuple:
     """Key of the cached negative K/V: device, dtype and the weights they came from. A LoRA or another patch applied
     to a clone later changes the weights (new storage or an in-place copy), and ComfyUI ≥ 0.33's `clone()` shares this
-    patch object between clones, so K/V computed before must not be reused then."""
-    weights = tuple((p.data_ptr(), p._version) for m in modules for p in m.parameters())
+    patch object between clones, so K/V computed before must not be reused then. ComfyUI patches weights with new
+    storage by default; in-place updates are seen through the version counter, which inference tensors (weights
+    loaded under `torch.inference_mode`) do not have."""
+    weights = tuple((p.data_ptr(), None if p.is_inference() else p._version)
+                    for m in modules for p in m.parameters())
     return like.device, like.dtype, weights
 
 

@@ -172,3 +172,12 @@ def test_cached_negative_keys_follow_weight_patches(node):
     assert (patch(q, k, v, {"n_heads": 2}) - ref).abs().max() <= 1e-9 * ref.abs().max()
     patch.cleanup()
     assert patch._kv == {}
+
+
+def test_weights_loaded_in_inference_mode_are_supported(node):
+    """ComfyUI loads models under torch.inference_mode: such weights have no version counter."""
+    with torch.inference_mode():
+        patched = run(node, make_patcher(), torch.randn(1, 7, 24, dtype=torch.float64))
+        patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
+        q, k, v = (torch.randn(2, 10, 32, dtype=torch.float64) for _ in range(3))
+        assert patch(q, k, v, {"n_heads": 2}).isfinite().all()
