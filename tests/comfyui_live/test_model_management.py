@@ -70,3 +70,36 @@ def test_pipelines_are_loaded_offloaded_and_reloaded_by_comfyui(comfy_inprocess,
     again = run(managed)
     assert len(registered()) == 1
     torch.testing.assert_close(again, first, rtol=0, atol=0)
+
+
+def test_one_step_then_upscale_in_one_graph(comfy_inprocess, nodes, tmp_path):
+    """SD1.5-architecture one-step sampling (ComfyUI's own MODEL) feeding SwiftStep Upscale: both models are
+    registered with ComfyUI, both leave when it unloads everything, and the graph run again gives the same image."""
+    import comfy.model_management as mm
+
+    from swiftstep.nodes import one_step_nodes
+    from swiftstep.pipelines import OneStepPipeline
+    from swiftstep.tiny_models import build_components
+
+    from .test_sampler_parity import _sample, comfy_model
+
+    pipe = OneStepPipeline(**build_components("sd1"))
+    pipe.set_progress_bar_config(disable=True)
+    unet = comfy_model(comfy_inprocess, pipe)
+    embeds, _ = pipe.encode_prompt(["a lighthouse at dusk"])
+    managed, _ = _managed("pisa-sr", tmp_path, nodes)
+    _, sr_nodes = nodes
+
+    def graph():
+        latent = _sample(unet, one_step_nodes, embeds, "tcd", 4, seed=2)
+        image = pipe.image_processor.postprocess(pipe.decode_latents(latent), output_type="pt").permute(0, 2, 3, 1)
+        return sr_nodes.SwiftStepUpscale.execute(managed, image, 4, 1.0, 1.0, "adain", 96, 32, 64, 3).args[0]
+
+    first = graph()
+    loaded = [lm.model for lm in mm.current_loaded_models]
+    assert unet in loaded and managed.patcher in loaded
+    mm.unload_all_models()
+    assert not mm.current_loaded_models
+    again = graph()
+    assert managed.patcher in [lm.model for lm in mm.current_loaded_models]
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
