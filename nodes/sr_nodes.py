@@ -1,9 +1,14 @@
-"""One-step LoRA super-resolution in ComfyUI: SwiftStepSRLoader → SwiftStepUpscale (IMAGE → IMAGE) for OSEDiff /
-PiSA-SR, → SwiftStepVideoUpscale (frames → frames) for DLoRAL.
+"""One-step LoRA super-resolution in ComfyUI.
 
-ComfyUI has no model type for these, so the nodes hold a `pipelines.OneStepSRPipeline` / `VideoSRPipeline`. The base model
-is an SD2.1-base diffusers folder in `models/diffusers/` (or a single-file checkpoint in `models/checkpoints/`,
-whose configs diffusers fetches once from the hub); SR weights live in `models/swiftstep/`.
+* Images (OSEDiff / PiSA-SR): SwiftStepUpscaleV2 on ComfyUI's own MODEL, CLIP and VAE of an SD2.1-base checkpoint
+  (Load Checkpoint); the SR weights become patches on clones (`nodes/native_sr.py`), no diffusers needed.
+* Video (DLoRAL): SwiftStepSRLoader → SwiftStepVideoUpscale (frames → frames). ComfyUI has no model type for DLoRAL's
+  8-channel UNet and CFR module, so the loader holds a `pipelines.VideoSRPipeline`; the base model is an SD2.1-base
+  diffusers folder in `models/diffusers/` (or a single-file checkpoint in `models/checkpoints/`, whose configs
+  diffusers fetches once from the hub).
+* SwiftStepUpscale (SR_MODEL from the loader → IMAGE) is deprecated in favour of SwiftStepUpscaleV2.
+
+SR weights live in `models/swiftstep/`.
 """
 
 from __future__ import annotations
@@ -128,9 +133,12 @@ class SwiftStepUpscale(io.ComfyNode):
     def define_schema(cls):
         return io.Schema(
             node_id="SwiftStepUpscale",
-            display_name="SwiftStep Upscale (one-step SR)",
+            display_name="SwiftStep Upscale (one-step SR, deprecated)",
             category="swiftstep/upscale",
-            description="One-step diffusion super-resolution; PiSA-SR weights expose pixel vs semantic strength.",
+            description="One-step diffusion super-resolution; PiSA-SR weights expose pixel vs semantic strength. "
+                        "Deprecated: SwiftStep Upscale V2 runs the same step on the MODEL/CLIP/VAE of Load "
+                        "Checkpoint, without diffusers.",
+            is_deprecated=True,
             inputs=[
                 SR_MODEL.Input("sr_model", tooltip="From SwiftStep SR Loader."),
                 io.Image.Input("image", tooltip="The low-resolution image(s)."),
@@ -254,4 +262,102 @@ class SwiftStepVideoUpscale(io.ComfyNode):
         return io.NodeOutput(torch.stack(outs))
 
 
-NODES = [SwiftStepSRLoader, SwiftStepUpscale, SwiftStepVideoUpscale]
+class SwiftStepUpscaleV2(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        import folder_paths
+
+        weights = folder_paths.get_filename_list("swiftstep") or ["pisa_sr.pkl", "osediff.pkl"]
+        return io.Schema(
+            node_id="SwiftStepUpscaleV2",
+            display_name="SwiftStep Upscale V2 (OSEDiff / PiSA-SR)",
+            category="swiftstep/upscale",
+            description="One-step diffusion super-resolution on the MODEL, CLIP and VAE of an SD2.1-base checkpoint "
+                        "(Load Checkpoint): OSEDiff or PiSA-SR weights are applied as LoRA patches on clones, so "
+                        "ComfyUI loads, offloads and frees the models as its own. PiSA-SR exposes pixel vs semantic "
+                        "strength. One UNet pass of SD2.1 per tile; core's SeedVR2 is a 3 B / 7 B DiT.",
+            inputs=[
+                io.Model.Input("model", tooltip="SD2.1-base (512 px, ε-prediction) from Load Checkpoint, e.g. "
+                                                "v2-1_512-ema-pruned.safetensors."),
+                io.Clip.Input("clip", tooltip="The CLIP of the same SD2.1-base checkpoint (encodes the prompt; "
+                                              "PiSA-SR encodes the empty prompt)."),
+                io.Vae.Input("vae", tooltip="The VAE of the same SD2.1-base checkpoint."),
+                io.Combo.Input("weights", options=weights, default=weights[0],
+                               tooltip="osediff.pkl or pisa_sr.pkl (the official files) or a swiftstep "
+                                       ".safetensors export, in models/swiftstep. DLoRAL's model.pkl is video: SR "
+                                       "Loader → Video Upscale."),
+                io.Image.Input("image", tooltip="The low-resolution image(s)."),
+                io.String.Input("prompt", default="", multiline=True,
+                                tooltip="OSEDiff only: text condition (the official script uses DAPE tags of the "
+                                        "input); PiSA-SR always uses the empty prompt."),
+                io.Int.Input("upscale", default=4, min=1, max=8, tooltip="Scale factor (the weights are trained ×4)."),
+                io.Float.Input("lambda_pix", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="PiSA-SR pixel fidelity: higher denoises more but smooths. Away from 1 "
+                                       "(either strength) the UNet runs twice."),
+                io.Float.Input("lambda_sem", default=1.0, min=0.0, max=3.0, step=0.05,
+                               tooltip="PiSA-SR semantic detail: higher adds detail but may hallucinate. "
+                                       "OSEDiff weights need both at 1."),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="Match colours to the input: adain (official default), wavelet, or none."),
+                io.Int.Input("tile_size", default=96, min=16, max=512, step=8,
+                             tooltip="Latent tile size (×8 px); tiles are used only when the latent's area exceeds "
+                                     "one tile."),
+                io.Int.Input("tile_overlap", default=32, min=0, max=256, step=8,
+                             tooltip="Latent overlap between tiles, blended with Gaussian weights."),
+                io.Int.Input("min_side", default=512, min=64, max=4096, step=8,
+                             tooltip="Smaller inputs are enlarged first so the output's short side reaches this "
+                                     "(official: 512)."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True,
+                             tooltip="Seeds the VAE posterior samples (one per image, in order), the only "
+                                     "randomness."),
+            ],
+            outputs=[io.Image.Output(tooltip="The upscaled image(s), upscale × the input size.")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, vae, weights, image, prompt, upscale, lambda_pix, lambda_sem, color_fix, tile_size,
+                tile_overlap, min_side, seed) -> io.NodeOutput:
+        import comfy.model_management
+        import folder_paths
+
+        from ..core import finite, lora_sr, sr_weights
+        from . import native_sr
+
+        node = "SwiftStepUpscaleV2"
+        # 1. Check inputs
+        check_images(node, "image", image)
+        if image.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"{node}: input `image` must have 1, 3 or 4 channels, found {image.shape[-1]}.")
+        for name, value in (("lambda_pix", lambda_pix), ("lambda_sem", lambda_sem)):
+            try:
+                finite.check_finite(name, value)
+            except ValueError as error:
+                raise ValueError(f"{node}: input {error}") from None
+        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+            raise ValueError(f"{node}: input `upscale` must be a positive integer, got {upscale!r}.")
+        if tile_overlap >= tile_size:
+            raise ValueError(f"{node}: input `tile_overlap` ({tile_overlap}) must be smaller than `tile_size` "
+                             f"({tile_size}).")
+        if color_fix not in lora_sr.COLOR_FIXES:
+            raise ValueError(f"{node}: input `color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got "
+                             f"{color_fix!r}.")
+        native_sr.check_base(node, model, clip, vae)
+        source = f"{node}: input `weights`: {weights}"
+        sd = sr_weights.read_sr_weights(folder_paths.get_full_path_or_raise("swiftstep", weights))
+        method = sr_weights.image_method(sd, source, "load it in SwiftStep SR Loader and upscale with SwiftStep "
+                                                    "Video Upscale (frames in, frames out).")
+        if method == "osediff" and (lambda_pix, lambda_sem) != (1.0, 1.0):
+            raise ValueError(f"{node}: inputs `lambda_pix`/`lambda_sem` need PiSA-SR weights; {weights} holds "
+                             f"OSEDiff (a single LoRA): set both to 1.")
+        sr_weights.check_keys(sd, method, source)
+
+        frames = image.permute(0, 3, 1, 2).float().cpu()  # IMAGE [B, H, W, C] → [B, C, H, W]
+        frames = (frames[:, :3] if frames.shape[1] == 4 else frames.expand(-1, 3, -1, -1)).clamp(0, 1)
+        # 2.–5. patches on clones, then per image: encode, UNet step (tiled), decode, colour fix
+        out = native_sr.super_resolve(node, model, clip, vae, sd, method, source, frames, prompt, upscale,
+                                      lambda_pix, lambda_sem, color_fix, tile_size, tile_overlap, min_side,
+                                      torch.Generator("cpu").manual_seed(seed))
+        return io.NodeOutput(out.permute(0, 2, 3, 1).to(comfy.model_management.intermediate_device()))
+
+
+NODES = [SwiftStepSRLoader, SwiftStepUpscale, SwiftStepUpscaleV2, SwiftStepVideoUpscale]

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from ..core import cuda_graphs
-from . import checkpoint_io
+from ..core import weight_files
 
 logger = logging.getLogger("swiftstep")
 
@@ -72,9 +72,9 @@ def load_tiny_decoder(source, dtype=None, device=None):
         elif path.is_file():
             what = "a TAESD decoder (taesd_decoder.safetensors / .pth: '<layer index>.<name>' tensors)"
             if path.suffix == ".safetensors":
-                state = checkpoint_io.read_safetensors(path, what)
+                state = weight_files.read_safetensors(path, what)
             else:
-                state = checkpoint_io.read_torch_file(path, what)
+                state = weight_files.read_torch_file(path, what)
             if not isinstance(state, dict):
                 raise ValueError(f"{path.name}: expected {what}, a dict of tensors; found a {type(state).__name__}.")
             converted = taesd_to_diffusers(state)

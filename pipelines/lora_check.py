@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint_io
+from ..core import weight_files
 
 _DOWN_SUFFIXES = (".lora_A.weight", ".lora.down.weight", ".lora_down.weight", ".lora_linear_layer.down.weight",
                   "_lora.down.weight")  # the last: attention-processor layout diffusers converts kohya keys to
@@ -15,7 +15,7 @@ def check_file(source) -> None:
     """A local .safetensors LoRA that does not parse (truncated, not safetensors) named with what was expected,
     before diffusers reports it as a bare `OSError: Unable to load weights`."""
     if isinstance(source, (str, Path)) and Path(source).suffix == ".safetensors" and Path(source).is_file():
-        with checkpoint_io.open_safetensors(source, "a LoRA (diffusers/peft or kohya keys)"):
+        with weight_files.open_safetensors(source, "a LoRA (diffusers/peft or kohya keys)"):
             pass
 
 

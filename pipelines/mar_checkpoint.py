@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from . import checkpoint_io
+from ..core import weight_files
 
 KL16_SCALE = 0.2325  # MAR: tokens = posterior.sample() · 0.2325
 KL16_CONFIG = dict(
@@ -28,7 +28,7 @@ def read_checkpoint(path: str | Path, key: str, what: str) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"No {what} checkpoint at {path.resolve()}.")
-    ckpt = checkpoint_io.read_torch_file(path, f"a {what} checkpoint holding '{key}'")
+    ckpt = weight_files.read_torch_file(path, f"a {what} checkpoint holding '{key}'")
     if isinstance(ckpt, dict) and key in ckpt:
         return ckpt[key]
     raise ValueError(f"{path.name}: expected a {what} checkpoint holding '{key}', found keys "

@@ -1,7 +1,8 @@
 """`OneStepSRPipeline`: one-step LoRA super-resolution (OSEDiff, PiSA-SR) on an SD2.1-base pipeline.
 
 Loads the published weight files (`osediff.pkl`, `pisa_sr.pkl`; read with `torch.load(weights_only=True)`) or
-their safetensors export (`save_sr_weights`). The maths is `core.lora_sr`, `core.onestep` and `core.tiling`.
+their safetensors export (`save_sr_weights`); the file layouts are `core.sr_weights`. The maths is `core.sr_step`,
+`core.lora_sr`, `core.onestep` and `core.tiling`, shared with the ComfyUI node SwiftStepUpscaleV2.
 
 LoRA strength: the official code builds `LoraConfig(r=4)` without `lora_alpha`, so peft's default alpha 8 applies
 and every ΔW is 2·B·A. We set `lora_alpha=8` explicitly (a loader that assumes alpha = rank halves the effect).
@@ -20,75 +21,12 @@ from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from ..core import finite, lora_sr, onestep, tiling
-from . import checkpoint_io, single_file
+from ..core import finite, lora_sr, onestep, sr_step
+from ..core.sr_weights import (  # noqa: F401  (LAYOUTS, SAFETENSORS_WHAT, PICKLE_WHAT, sr_method: public here too)
+    LAYOUTS, LORA_ALPHA, PICKLE_WHAT, SAFETENSORS_WHAT, SD_PARTS, UNET_PARTS, check_keys, detect_layout,
+    expected_modules, image_method, read_sr_weights, sr_method)
+from . import single_file
 from .pipeline_one_step import unet_family
-
-LORA_ALPHA = 8  # peft's default, which the official LoraConfig(r=4, …) inherits: scale 8/4 = 2
-UNET_PARTS = ("encoder", "decoder", "others")
-SD_PARTS = ("unet", "vae", "bpp")  # state_dict_<part> entries of the official files
-LAYOUTS = {
-    "osediff": "OSEDiff .pkl: vae_lora_encoder_modules, unet_lora_{encoder,decoder,others}_modules, rank_unet, "
-               "rank_vae, state_dict_unet (LoRA + full conv_in), state_dict_vae",
-    "pisa-sr": "PiSA-SR .pkl: unet_lora_{encoder,decoder,others}_modules_{pix,sem}, lora_rank_unet_{pix,sem}, "
-               "state_dict_unet",
-    "dloral": "DLoRAL model.pkl: unet_lora_{encoder,decoder,others}_modules_{quality,consistency}, "
-              "lora_rank_unet_{quality,consistency}, state_dict_unet (the whole UNet, 8-channel conv_in), "
-              "state_dict_bpp (the CFR module)",
-    "swiftstep-sr": "swiftstep safetensors export (save_sr_weights): metadata `swiftstep_sr` + unet./vae./bpp. "
-                    "tensors",
-}
-SAFETENSORS_WHAT = "SR weights exported by save_sr_weights (metadata `swiftstep_sr` + unet./vae./bpp. tensors)"
-PICKLE_WHAT = "SR weights (the official osediff.pkl, pisa_sr.pkl or DLoRAL model.pkl: a dict of module lists and " \
-              "state dicts)"
-
-
-def detect_layout(sd: dict) -> str:
-    if "vae_lora_encoder_modules" in sd and "state_dict_unet" in sd:
-        return "osediff"
-    if "unet_lora_encoder_modules_pix" in sd and "state_dict_unet" in sd:
-        return "pisa-sr"
-    if "unet_lora_encoder_modules_quality" in sd and "state_dict_unet" in sd:
-        return "dloral"
-    known = "\n  ".join(f"{k}: {v}" for k, v in LAYOUTS.items())
-    raise ValueError(f"Unknown SR weights layout (top-level keys {sorted(sd)[:8]}); known layouts:\n  {known}")
-
-
-def read_sr_weights(path: str | Path) -> dict:
-    """The official .pkl (torch.load, weights_only) or our safetensors export, as the official dict layout."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"No SR weights file at {path.resolve()}.")
-    if path.suffix == ".safetensors":
-        with checkpoint_io.open_safetensors(path, SAFETENSORS_WHAT) as f:
-            meta = (f.metadata() or {}).get("swiftstep_sr")
-            if meta is None:
-                raise ValueError(f"{path.name}: a safetensors file without `swiftstep_sr` metadata; expected one "
-                                 f"written by save_sr_weights, or an official osediff.pkl / pisa_sr.pkl.")
-            sd = json.loads(meta)
-            for part in SD_PARTS:
-                keys = [k for k in f.keys() if k.startswith(part + ".")]
-                if keys:
-                    sd[f"state_dict_{part}"] = {k[len(part) + 1:]: f.get_tensor(k) for k in keys}
-        return sd
-    # memory-mapped: a DLoRAL model.pkl holds a whole UNet; tensors are read when copied into the model
-    sd = checkpoint_io.read_torch_file(path, PICKLE_WHAT, mmap=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"{path.name}: expected a dict of SR weights, found {type(sd).__name__}.")
-    return sd
-
-
-def sr_method(path: str | Path) -> str:
-    """Which SR method a weights file holds ("osediff", "pisa-sr", "dloral"), without reading its tensors."""
-    path = Path(path)
-    if path.suffix == ".safetensors" and path.is_file():
-        with checkpoint_io.open_safetensors(path, SAFETENSORS_WHAT) as f:
-            meta = (f.metadata() or {}).get("swiftstep_sr")
-        if meta is not None:
-            return json.loads(meta).get("method") or detect_layout(json.loads(meta))
-    sd = read_sr_weights(path)
-    return sd.get("method") or detect_layout(sd)
-
 
 def _copy_params(model, state: dict, wanted, what: str, source: str) -> None:
     """Copy `state` into the parameters of `model` selected by `wanted(name)`; every key must match one."""
@@ -108,39 +46,16 @@ def _copy_params(model, state: dict, wanted, what: str, source: str) -> None:
             p.copy_(t.to(p.dtype))
 
 
-def _expected(sd: dict, method: str) -> dict[str, set[str]]:
-    """Parameter names the file must hold, per model, from its own module lists (peft's naming)."""
-    unet, vae = set(), set()
-    kinds = [""] if method == "osediff" else ["_pix", "_sem"]
-    for kind in kinds:
-        for part in UNET_PARTS:
-            for m in sd[f"unet_lora_{part}_modules{kind}"]:
-                unet |= {f"{m}.lora_A.default_{part}{kind}.weight", f"{m}.lora_B.default_{part}{kind}.weight"}
-    if method == "osediff":
-        unet |= {"conv_in.base_layer.weight", "conv_in.base_layer.bias"}
-        for m in set(sd["vae_lora_encoder_modules"]):
-            vae |= {f"{m}.lora_A.default_encoder.weight", f"{m}.lora_B.default_encoder.weight"}
-    return {"unet": unet, "vae": vae}
-
-
 def _validate(sd: dict, method: str, unet, vae, source: str) -> None:
     """Every key accounted for and every module present, before anything in the model changes."""
+    check_keys(sd, method, source)
+    modules = expected_modules(sd, method)
     for part, model in (("unet", unet), ("vae", vae)):
-        have = set(sd.get(f"state_dict_{part}", {}))
-        want = _expected(sd, method)[part]
-        if have - want:
-            extra = sorted(have - want)
-            raise ValueError(f"{source}: {len(extra)} of {len(have)} {part.upper()} keys match no LoRA module "
-                             f"listed in the file, e.g. {extra[:2]}.")
-        if want - have:
-            raise ValueError(f"{source}: the file lacks {len(want - have)} {part.upper()} parameters, e.g. "
-                             f"{sorted(want - have)[:2]}.")
         names = {n for n, _ in model.named_modules()}
-        modules = {k.split(".lora_")[0].removesuffix(".base_layer.weight").removesuffix(".base_layer.bias")
-                   for k in want}
-        if modules - names:
-            raise ValueError(f"{source}: {len(modules - names)} LoRA modules match no layer of this "
-                             f"{type(model).__name__}, e.g. {sorted(modules - names)[:2]}; is the base model SD2.1?")
+        if modules[part] - names:
+            raise ValueError(f"{source}: {len(modules[part] - names)} LoRA modules match no layer of this "
+                             f"{type(model).__name__}, e.g. {sorted(modules[part] - names)[:2]}; is the base model "
+                             f"SD2.1?")
 
 
 def _merge(model, adapters: list[str]) -> None:
@@ -191,12 +106,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             raise ValueError(f"SR weights ({self.sr_method}) are already loaded; create a fresh pipeline to switch.")
         source = Path(path).name
         sd = read_sr_weights(path)
-        method = sd.get("method") or detect_layout(sd)
-        if method == "dloral":
-            raise ValueError(f"{source} is a DLoRAL video SR checkpoint (quality/consistency adapters, CFR module): "
-                             f"load it with swiftstep.pipelines.VideoSRPipeline, not OneStepSRPipeline.")
-        if method not in ("osediff", "pisa-sr"):
-            detect_layout({})
+        method = image_method(sd, source, "load it with swiftstep.pipelines.VideoSRPipeline, not OneStepSRPipeline.")
         _validate(sd, method, self.unet, self.vae, source)
         if method == "osediff":
             names = []
@@ -311,31 +221,12 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
             out.append(arr.clamp(0, 1))
         return out
 
-    @staticmethod
-    def _resize(im, size: tuple[int, int], resample) -> torch.Tensor | Image.Image:
-        """PIL resize of a PIL image, or of a float tensor channel by channel in PIL's float mode (no 8-bit loss)."""
-        h, w = size
-        if isinstance(im, Image.Image):
-            return im.resize((w, h), resample) if im.size != (w, h) else im
-        if tuple(im.shape[1:]) == (h, w):
-            return im
-        chans = [np.asarray(Image.fromarray(c.numpy(), mode="F").resize((w, h), resample)) for c in im.cpu()]
-        return torch.from_numpy(np.stack(chans))
+    _resize = staticmethod(sr_step.resize)
 
-    def preprocess(self, im, upscale: int, min_side: int) -> torch.Tensor:
-        """The official pre-processing: short LQ side raised to min_side/upscale (bicubic), ×upscale (bicubic),
-        each side floored to a multiple of 8 (LANCZOS). Returns [1, 3, H, W] in [-1, 1]."""
-        w, h = im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1])
-        floor = min_side // upscale
-        if min(w, h) < floor:
-            scale = floor / min(w, h)
-            im = self._resize(im, (int(scale * h), int(scale * w)), Image.BICUBIC)
-            w, h = im.size if isinstance(im, Image.Image) else (im.shape[2], im.shape[1])
-        im = self._resize(im, (h * upscale, w * upscale), Image.BICUBIC)
-        im = self._resize(im, (h * upscale - h * upscale % 8, w * upscale - w * upscale % 8), Image.LANCZOS)
-        x = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0).permute(2, 0, 1) \
-            if isinstance(im, Image.Image) else im.float()
-        return (x * 2 - 1)[None]
+    @staticmethod
+    def preprocess(im, upscale: int, min_side: int) -> torch.Tensor:
+        """The official pre-processing (`core.sr_step.preprocess`): [1, 3, H, W] in [-1, 1]."""
+        return sr_step.preprocess(im, upscale, min_side)
 
     def _prompt_embeds(self, prompt: str, device) -> torch.Tensor:
         key = (prompt, device)
@@ -347,32 +238,27 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         return self._prompt_cache[key]
 
     def _auto_vae_tile(self, size) -> int | None:
-        if self._execution_device.type == "cuda" and size[0] * size[1] > 2048 * 2048:
-            return 128
-        return None
+        return sr_step.auto_vae_tile(self._execution_device, size)
 
     def _vae_norms(self, part):
         return [m for m in part.modules() if isinstance(m, torch.nn.GroupNorm)]
 
     def _encode(self, x, vae_tile):
-        """The VAE posterior of x; tiled (pixel tiles f × vae_tile, halo 8f px: 64 for SD) with image-wide GroupNorm.
-        The halo trades exactness at tile borders for compute: the SD encoder's full reach is ≈ 100 px."""
+        """The VAE posterior of x; tiled with image-wide GroupNorm (`core.sr_step.encode_tiled`)."""
         from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
         if vae_tile is None:
             return self.vae.encode(x).latent_dist
-        f = self.vae_scale
-        moments = tiling.tiled_norm_synced(lambda t: self.vae.encode(t).latent_dist.parameters,
-                                           self._vae_norms(self.vae.encoder), x, tile=f * vae_tile, halo=8 * f,
-                                           scale=1 / f, align=f)
+        moments = sr_step.encode_tiled(lambda t: self.vae.encode(t).latent_dist.parameters,
+                                       self._vae_norms(self.vae.encoder), x, vae_tile, self.vae_scale)
         return DiagonalGaussianDistribution(moments)
 
     def _decode(self, z, vae_tile):
-        """VAE decode; tiled (latent tiles vae_tile, halo 16 ≈ the SD decoder's reach) with image-wide GroupNorm."""
+        """VAE decode; tiled with image-wide GroupNorm (`core.sr_step.decode_tiled`)."""
         if vae_tile is None:
             return self.vae.decode(z).sample
-        return tiling.tiled_norm_synced(lambda t: self.vae.decode(t).sample, self._vae_norms(self.vae.decoder), z,
-                                        tile=vae_tile, halo=16, scale=self.vae_scale)
+        return sr_step.decode_tiled(lambda t: self.vae.decode(t).sample, self._vae_norms(self.vae.decoder), z,
+                                    vae_tile, self.vae_scale)
 
     @property
     def vae_scale(self) -> int:
@@ -440,6 +326,9 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         t = lora_sr.OSEDIFF_T if osediff else lora_sr.PISA_T
         embeds = self._prompt_embeds(prompt if osediff else "", device).to(dtype)
         adjustable = not osediff and (lambda_pix, lambda_sem) != (1.0, 1.0)
+        config = self.scheduler.config
+        schedule = onestep.NoiseSchedule.vp(onestep.alphas_cumprod(
+            config.beta_start, config.beta_end, config.num_train_timesteps, config.beta_schedule))
 
         def unet_eps(z):
             e = embeds.expand(z.shape[0], -1, -1)
@@ -463,20 +352,11 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
                 z = self._encode(x, vt).sample(generator) * sf
                 # 3. One UNet step (tiled over the latent when it is larger than a tile)
                 z = z.to(dtype)
-                h, w = z.shape[-2:]
-                eps = unet_eps(z) if h * w <= tile * tile else tiling.tiled_apply(unet_eps, z, tile, tile_overlap)
-                if osediff:
-                    a, b = onestep.NoiseSchedule.vp(onestep.alphas_cumprod(
-                        self.scheduler.config.beta_start, self.scheduler.config.beta_end,
-                        self.scheduler.config.num_train_timesteps,
-                        self.scheduler.config.beta_schedule)).scales(t)
-                    x0, _ = onestep.x0_and_eps(eps.float(), z.float(), a, b, "epsilon")
-                else:
-                    x0 = lora_sr.pisa_x0(eps.float(), z.float())
+                eps = sr_step.latent_eps(unet_eps, z, tile, tile_overlap)
+                x0 = sr_step.sr_x0(self.sr_method, eps.float(), z.float(), schedule)
                 # 4. Decode, colour fix against the upscaled input, back to exactly upscale × the input size
-                out = self._decode((x0 / sf).to(self.vae.dtype), vt).clamp(-1, 1).float()
-                out = lora_sr.color_fix((out + 1) / 2, (x.float() + 1) / 2, color_fix).clamp(0, 1)[0].cpu()
-                outputs.append(self._resize(out, (h0 * upscale, w0 * upscale), Image.BICUBIC).clamp(0, 1))
+                out = self._decode((x0 / sf).to(self.vae.dtype), vt)
+                outputs.append(sr_step.finish(out, x, color_fix, (h0 * upscale, w0 * upscale)))
                 progress.update()
 
         self.maybe_free_model_hooks()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import checkpoint_io
+from ..core import weight_files
 
 REFERENCE_REPOS = {  # configs diffusers fetches for each family when no `config=` is given
     "sd1": "stable-diffusion-v1-5/stable-diffusion-v1-5",
@@ -32,10 +32,10 @@ def checkpoint_keys(path: Path) -> list[str]:
     if not path.is_file():
         raise FileNotFoundError(f"No checkpoint file at {path.resolve()}.")
     if path.suffix == ".safetensors":
-        with checkpoint_io.open_safetensors(path, EXPECTED) as f:
+        with weight_files.open_safetensors(path, EXPECTED) as f:
             return list(f.keys())
     if path.suffix in (".ckpt", ".pt", ".pth", ".bin"):
-        sd = checkpoint_io.read_torch_file(path, EXPECTED, mmap=True)
+        sd = weight_files.read_torch_file(path, EXPECTED, mmap=True)
         sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
         if not isinstance(sd, dict):
             raise ValueError(f"{path.name}: expected {EXPECTED} (a dict of tensors), found a {type(sd).__name__}.")

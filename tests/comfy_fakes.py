@@ -418,6 +418,184 @@ def sample_custom(patcher, sampler, sigmas, cond, latent, seed, callback=None):
     return sampler.sample(FakeGuider(patcher, cond), sigmas, {"seed": seed}, callback, noise, latent)
 
 
+# ----------------------------------------------------------------------------- an SD2 checkpoint's MODEL/CLIP/VAE
+# What Load Checkpoint gives, around diffusers parts: the UNet and VAE keep diffusers' parameter names, so the fake
+# key maps (comfy.lora, comfy.diffusers_convert) are identities where ComfyUI's rename diffusers → LDM.
+
+
+class LatentFormatSD15:
+    scale_factor = 0.18215
+
+    def process_in(self, latent):
+        return latent * self.scale_factor
+
+    def process_out(self, latent):
+        return latent / self.scale_factor
+
+
+class FakeSD2Model(FakeBaseModel):
+    """comfy.model_base.BaseModel of an SD2.x checkpoint: `_apply_model` casts x to the UNet's dtype (x may be
+    float64) and its output to float32; state_dict keys `diffusion_model.*`; latent_format, unet_config."""
+
+    def __init__(self, unet, model_sampling, config_name="SD20"):
+        super().__init__(unet, model_sampling, config_name)
+        self.model_config.unet_config = {"context_dim": unet.config.cross_attention_dim}
+        self.latent_format = LatentFormatSD15()
+
+    def apply_model(self, x, t, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        sigma = t
+        xc = self.model_sampling.calculate_input(sigma, x).to(self.diffusion_model.dtype)
+        timestep = self.model_sampling.timestep(sigma).float()
+        out = self.diffusion_model(xc, timestep, encoder_hidden_states=c_crossattn.to(xc.dtype)).sample.float()
+        return self.model_sampling.calculate_denoised(sigma, out, x)
+
+    def memory_required(self, input_shape, cond_shapes={}):
+        return 0
+
+    def state_dict(self):
+        return {f"diffusion_model.{k}": v for k, v in self.diffusion_model.state_dict().items()}
+
+
+class WeightPatcher:
+    """comfy.model_patcher.ModelPatcher's weight patches: `add_patches` on clones that share the model, applied in
+    `patch()` (ComfyUI: when loaded) from a backup and undone by `unpatch()`. Patch values as `load_lora` below
+    and ComfyUI's "set" make them; a LoRA is ΔW = strength·(alpha/rank)·up·down reshaped to W (comfy/weight_adapter)."""
+
+    def __init__(self, model, load_device=torch.device("cpu")):
+        self.model, self.load_device, self.offload_device = model, load_device, load_device
+        self.patches: dict = {}
+        self.model_options = {"transformer_options": {}}
+        self.backup: dict = {}
+
+    def clone(self):
+        n = WeightPatcher(self.model, self.load_device)
+        n.patches = {k: list(v) for k, v in self.patches.items()}
+        n.model_options = {**self.model_options, "transformer_options": dict(self.model_options["transformer_options"])}
+        return n
+
+    def add_patches(self, patches, strength_patch=1.0, strength_model=1.0):
+        keys = self.model.state_dict()
+        added = [k for k in patches if k in keys]
+        for k in added:
+            self.patches.setdefault(k, []).append((strength_patch, patches[k]))
+        return added
+
+    def get_model_object(self, name: str):
+        obj = self.model
+        for part in name.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def patch(self):
+        weights = self.model.state_dict()
+        with torch.no_grad():
+            for key, patches in self.patches.items():
+                w = weights[key]
+                self.backup[key] = w.clone()
+                new = w.clone()
+                for strength, (kind, value) in patches:
+                    if kind == "set":
+                        new = value[0].to(new)
+                    else:
+                        up, down, alpha = value
+                        delta = (up.flatten(1) @ down.flatten(1)).reshape(w.shape)
+                        new = new + strength * (alpha / down.shape[0]) * delta
+                w.copy_(new)
+
+    def unpatch(self):
+        weights = self.model.state_dict()
+        with torch.no_grad():
+            for key, w in self.backup.items():
+                weights[key].copy_(w)
+        self.backup = {}
+
+
+def load_models_gpu_patching(models, memory_required=0, force_patch_weights=False, minimum_memory_required=None,
+                             force_full_load=False):
+    """load_models_gpu for WeightPatchers: a clone of a loaded model replaces it (un-patch, patch), as ComfyUI's
+    loader does for clones sharing one model."""
+    for patcher in models:
+        if patcher in LOADED:
+            continue
+        for other in [p for p in LOADED if getattr(p, "model", None) is patcher.model]:
+            other.unpatch()
+            LOADED.remove(other)
+        patcher.patch()
+        LOADED.append(patcher)
+
+
+def model_lora_keys_unet(model, key_map={}):
+    """comfy.lora.model_lora_keys_unet's kohya form `lora_unet_<path with _>` → `diffusion_model.<path>.weight`."""
+    for k in model.state_dict():
+        if k.startswith("diffusion_model.") and k.endswith(".weight"):
+            key_map["lora_unet_" + k[len("diffusion_model."):-len(".weight")].replace(".", "_")] = k
+    return key_map
+
+
+def load_lora(lora, to_load, log_missing=True):
+    """comfy.lora.load_lora for kohya tensors (`.lora_up.weight`, `.lora_down.weight`, `.alpha`)."""
+    patches = {}
+    for x, key in to_load.items():
+        if f"{x}.lora_up.weight" in lora:
+            patches[key] = ("lora", (lora[f"{x}.lora_up.weight"], lora[f"{x}.lora_down.weight"],
+                                     float(lora[f"{x}.alpha"])))
+    return patches
+
+
+class FirstStage(torch.nn.Module):
+    """comfy.ldm.models.autoencoder.AutoencoderKL's parts and `decode` (post_quant_conv + decoder), from a diffusers
+    AutoencoderKL."""
+
+    def __init__(self, vae):
+        super().__init__()
+        self.encoder, self.quant_conv = vae.encoder, vae.quant_conv
+        self.post_quant_conv, self.decoder = vae.post_quant_conv, vae.decoder
+
+    def decode(self, z):
+        return self.decoder(self.post_quant_conv(z))
+
+
+class FakeVAE:
+    """comfy.sd.VAE's attributes the SR node reads."""
+
+    def __init__(self, vae):
+        self.first_stage_model = FirstStage(vae)
+        self.patcher = WeightPatcher(self.first_stage_model)
+        self.device, self.vae_dtype = torch.device("cpu"), torch.float32
+        self.latent_channels = vae.config.latent_channels
+        self.downscale_ratio = self.upscale_ratio = 2 ** (len(vae.config.block_out_channels) - 1)
+        self.memory_used_encode = self.memory_used_decode = lambda shape, dtype: 0
+
+
+class FakeCLIP:
+    """comfy.sd.CLIP's tokenize / encode_from_tokens over a tokenizer and text encoder (77 tokens, truncated)."""
+
+    def __init__(self, tokenizer, text_encoder):
+        self.tokenizer, self.text_encoder = tokenizer, text_encoder
+
+    def tokenize(self, text):
+        return self.tokenizer([text], padding="max_length", max_length=self.tokenizer.model_max_length,
+                              truncation=True, return_tensors="pt").input_ids
+
+    def encode_from_tokens(self, tokens):
+        with torch.no_grad():
+            return self.text_encoder(tokens)[0]
+
+
+def install_checkpoint_parts(monkeypatch) -> None:
+    """comfy.lora, comfy.diffusers_convert (VAE names kept) and a patching load_models_gpu, after install()."""
+    comfy = sys.modules["comfy"]
+    lora = types.ModuleType("comfy.lora")
+    lora.model_lora_keys_unet, lora.load_lora = model_lora_keys_unet, load_lora
+    convert = types.ModuleType("comfy.diffusers_convert")
+    convert.convert_vae_state_dict = lambda sd: dict(sd)
+    monkeypatch.setattr(comfy, "lora", lora, raising=False)
+    monkeypatch.setattr(comfy, "diffusers_convert", convert, raising=False)
+    monkeypatch.setitem(sys.modules, "comfy.lora", lora)
+    monkeypatch.setitem(sys.modules, "comfy.diffusers_convert", convert)
+    monkeypatch.setattr(sys.modules["comfy.model_management"], "load_models_gpu", load_models_gpu_patching)
+
+
 # ----------------------------------------------------------------------------- install
 
 

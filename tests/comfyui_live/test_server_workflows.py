@@ -20,7 +20,7 @@ def test_pack_loads_and_lists_every_node(server, base_dir):
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
     assert ours == ["SwiftStepFastPath", "SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
                     "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale",
-                    "SwiftStepVideoUpscale"]
+                    "SwiftStepUpscaleV2", "SwiftStepVideoUpscale"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
     log = (base_dir / "comfyui.log").read_text()

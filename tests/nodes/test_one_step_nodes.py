@@ -131,8 +131,8 @@ def test_entrypoint_registers_every_node_with_tooltips(comfy):
     node_list = asyncio.run(extension.get_node_list())
     ids = [n.define_schema().node_id for n in node_list]
     assert ids == ["SwiftStepPresetSigmas", "SwiftStepOneStepSampler", "SwiftStepNASA", "SwiftStepTritonAttention",
-                   "SwiftStepFastPath", "SwiftStepSRLoader", "SwiftStepUpscale", "SwiftStepVideoUpscale", "SwiftStepMARLoader",
-                  "SwiftStepMARSample"]
+                   "SwiftStepFastPath", "SwiftStepSRLoader", "SwiftStepUpscale", "SwiftStepUpscaleV2",
+                   "SwiftStepVideoUpscale", "SwiftStepMARLoader", "SwiftStepMARSample"]
     for node in node_list:
         schema = node.define_schema()
         assert schema.node_id.startswith("SwiftStep") and schema.category.startswith("swiftstep/")

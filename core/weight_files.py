@@ -1,7 +1,10 @@
-"""Reading weight files: a file that does not parse becomes a `ValueError` naming the file, the format expected and
-what the parser found (safetensors' and torch.load's own exceptions name neither the file nor the expected format).
+"""Reading weight files without diffusers: a file that does not parse becomes a `ValueError` naming the file, the
+format expected and what the parser found (safetensors' and torch.load's own exceptions name neither the file nor the
+expected format).
 
-Every loader of the package reads through here; the layout checks (which keys a file must hold) stay with them.
+Every loader of the package reads through here (the layout checks — which keys a file must hold — stay with them);
+it lives in core/ because some loaders must work without diffusers (the SR weights `SwiftStepUpscaleV2` reads,
+`core.sr_weights`). safetensors is imported where used (ComfyUI and diffusers both depend on it).
 """
 
 from __future__ import annotations

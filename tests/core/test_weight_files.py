@@ -8,7 +8,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
-from swiftstep.pipelines import OneStepSRPipeline, checkpoint_io, single_file
+from swiftstep.core import weight_files
+from swiftstep.pipelines import OneStepSRPipeline, single_file
 from swiftstep.pipelines.fast_path import load_tiny_decoder
 from swiftstep.pipelines.mar_checkpoint import read_checkpoint
 from swiftstep.pipelines.pipeline_sr import read_sr_weights, sr_method
@@ -104,9 +105,9 @@ def test_whole_files_read_as_before(tmp_path):
     save_file(TENSORS, str(tmp_path / "a.safetensors"))
     torch.save(TENSORS, tmp_path / "a.pth")
     torch.save(TENSORS, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
-    for state in (checkpoint_io.read_safetensors(tmp_path / "a.safetensors", "x"),
-                  checkpoint_io.read_torch_file(tmp_path / "a.pth", "x", mmap=True),
-                  checkpoint_io.read_torch_file(tmp_path / "legacy.pth", "x", mmap=True)):  # not mappable: read whole
+    for state in (weight_files.read_safetensors(tmp_path / "a.safetensors", "x"),
+                  weight_files.read_torch_file(tmp_path / "a.pth", "x", mmap=True),
+                  weight_files.read_torch_file(tmp_path / "legacy.pth", "x", mmap=True)):  # not mappable: read whole
         torch.testing.assert_close(state, TENSORS, rtol=0, atol=0)
     with pytest.raises(FileNotFoundError):
-        checkpoint_io.read_torch_file(tmp_path / "missing.pth", "x")
+        weight_files.read_torch_file(tmp_path / "missing.pth", "x")
