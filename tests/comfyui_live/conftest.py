@@ -62,6 +62,9 @@ MODELS = {  # file name the workflows use → family
     "checkpoints/sd_xl_base_1.0.safetensors": "sdxl",
 }
 LORAS = {"loras/dmd2_sdxl_4step_lora_fp16.safetensors": "sdxl"}
+# the same random weights under another name the workflows use (SD2.1-base for SwiftStepUpscaleV2: only the
+# architecture matters to the SR weights' layout)
+ALIASES = {"checkpoints/v2-1_512-ema-pruned.safetensors": "checkpoints/sd_turbo.safetensors"}
 TEST_SIZE = 64  # px; the workflows ask 512/1024, the CPU test shrinks the empty latent
 
 
@@ -103,6 +106,8 @@ def base_dir(tmp_path_factory):
             _build_lora(cached) if rel in LORAS else _build_checkpoint(family, cached)
         (base / "models" / Path(rel).parent).mkdir(parents=True, exist_ok=True)
         (base / "models" / rel).symlink_to(cached)
+    for rel, same in ALIASES.items():
+        (base / "models" / rel).symlink_to(cache / Path(same).name)
     _sr_models(base)
     _mar_models(base, cache)
     return base
@@ -133,13 +138,14 @@ def _mar_models(base: Path, cache: Path) -> None:
 
 
 def _sr_models(base: Path) -> None:
-    """For the SR workflows: a tiny SD2 diffusers folder (8× VAE, as DLoRAL needs), random PiSA-SR and DLoRAL
-    weights in the official layouts, an input image and a 3-frame input video."""
+    """For the SR workflows: a tiny SD2 diffusers folder (8× VAE, as DLoRAL needs) with random DLoRAL weights, random
+    PiSA-SR weights for the SD2 checkpoint, in the official layouts, an input image and a 3-frame input video."""
     import av
     import numpy as np
     from PIL import Image
 
     from swiftstep.pipelines import OneStepSRPipeline
+    from swiftstep.tiny_models import build_components
 
     from ..sr_fixtures import make_pisa_pkl
     from ..video_fixtures import make_dloral_pkl, tiny_cfr, video_components
@@ -147,7 +153,8 @@ def _sr_models(base: Path) -> None:
     components = video_components()
     OneStepSRPipeline(**components).save_pretrained(base / "models" / "diffusers" / "stable-diffusion-2-1-base")
     (base / "models" / "swiftstep").mkdir(parents=True, exist_ok=True)
-    make_pisa_pkl(components["unet"], base / "models" / "swiftstep" / "pisa_sr.pkl")
+    # PiSA-SR weights for the checkpoint SwiftStepUpscaleV2 loads (the SD2 architecture of sd_turbo.safetensors)
+    make_pisa_pkl(build_components("sd2", size="comfy")["unet"], base / "models" / "swiftstep" / "pisa_sr.pkl")
     make_dloral_pkl(components["unet"], tiny_cfr(), base / "models" / "swiftstep" / "model.pkl")
     (base / "input").mkdir(exist_ok=True)
     rng = np.random.default_rng(0)

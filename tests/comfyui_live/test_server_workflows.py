@@ -40,7 +40,7 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
     for node in prompt.values():
         if node["class_type"] == "EmptyLatentImage":
             node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
-        if node["class_type"] == "SwiftStepUpscale":
+        if node["class_type"] in ("SwiftStepUpscale", "SwiftStepUpscaleV2"):
             node["inputs"].update(min_side=TEST_SIZE)  # tiny random SD2: keep the CPU run short
         if node["class_type"] == "SwiftStepMARSample":
             node["inputs"].update(num_iter=4, steps_start=4, steps_end=2)  # MAR-B on the CPU: a short run
