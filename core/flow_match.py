@@ -9,7 +9,8 @@ Shifts (a monotone map of σ ∈ (0, 1] onto itself that spends more steps at hi
 - static, SD3 §5.3.2 eq. 23: σ' = s·σ / (1 + (s − 1)·σ) — `shift` in diffusers' FlowMatchEulerDiscreteScheduler;
 - resolution-dependent (FLUX.1's sampling code): σ' = e^μ / (e^μ + (1/σ − 1)), with μ linear in the number of image
   tokens between (base_seq_len, base_shift) and (max_seq_len, max_shift) — `use_dynamic_shifting` with
-  `time_shift_type="exponential"`; the "linear" type uses μ in place of e^μ. With μ = log s the exponential shift is
+  `time_shift_type="exponential"`; the "linear" type uses μ in place of e^μ. FLUX.2 makes μ depend on the step
+  count too (`flux2_mu`). With μ = log s the exponential shift is
   the static shift s (Qwen-Image-Lightning fixes base_shift = max_shift = log 3 for that reason);
 - terminal stretch (LTX-Video): the shifted grid rescaled so that its last σ equals `shift_terminal`.
 """
@@ -40,6 +41,17 @@ def resolution_mu(image_seq_len: int, base_seq_len: int = 256, max_seq_len: int 
     """μ on the line through (base_seq_len, base_shift) and (max_seq_len, max_shift) (FLUX.1's defaults)."""
     slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
     return base_shift + slope * (image_seq_len - base_seq_len)
+
+
+def flux2_mu(image_seq_len: int, steps: int) -> float:
+    """FLUX.2's empirical μ (black-forest-labs/flux2 sampling; diffusers `compute_empirical_mu`): linear in the token
+    count at 10 and at 200 steps, interpolated linearly in the step count between them; above 4300 tokens the
+    200-step line alone."""
+    at_200 = 0.00016927 * image_seq_len + 0.45666666
+    if image_seq_len > 4300:
+        return at_200
+    at_10 = 8.73809524e-05 * image_seq_len + 1.89833333
+    return at_200 + (at_200 - at_10) / 190.0 * (steps - 200)
 
 
 def stretch_to_terminal(sigmas: torch.Tensor, terminal: float) -> torch.Tensor:

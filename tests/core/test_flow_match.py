@@ -55,6 +55,14 @@ def test_resolution_mu_is_fluxs_line():
     assert flow_match.resolution_mu(2176) == pytest.approx(0.5 + 0.65 * 1920 / 3840)
 
 
+@pytest.mark.parametrize("seq_len", [256, 1024, 4096, 4300, 4301, 16384])
+@pytest.mark.parametrize("steps", [1, 4, 28, 50])
+def test_flux2_mu_matches_the_stock_pipeline(seq_len, steps):
+    from diffusers.pipelines.flux2.pipeline_flux2_klein import compute_empirical_mu
+
+    assert flow_match.flux2_mu(seq_len, steps) == pytest.approx(compute_empirical_mu(seq_len, steps), rel=1e-12)
+
+
 def test_euler_step_and_x0_match_the_stock_scheduler():
     g = torch.Generator().manual_seed(0)
     scheduler = stock_sigmas(4, shift=3.0)
