@@ -25,6 +25,11 @@ def pisa_x0(eps: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return z - eps
 
 
+def pisa_two_pass(method: str, lambda_pix: float, lambda_sem: float) -> bool:
+    """PiSA-SR's adjustable mode (two UNet passes) runs unless both strengths are 1; OSEDiff has one LoRA."""
+    return method == "pisa-sr" and (lambda_pix, lambda_sem) != (1.0, 1.0)
+
+
 def pisa_adjustable_eps(eps_pix: torch.Tensor, eps_pix_sem: torch.Tensor, lambda_pix: float,
                         lambda_sem: float) -> torch.Tensor:
     """PiSA-SR adjustable guidance: λ_pix·ε_pix + λ_sem·(ε_pix+sem − ε_pix)."""

@@ -63,6 +63,16 @@ def preprocess(im, upscale: int, min_side: int) -> torch.Tensor:
     return (x * 2 - 1)[None]
 
 
+def check_args(upscale, color_fix: str, tile_size: int, tile_overlap: int) -> None:
+    """The argument checks of every SR entry point (image and video pipelines, SwiftStepUpscaleV2)."""
+    if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
+        raise ValueError(f"`upscale` must be a positive integer, got {upscale!r}.")
+    if color_fix not in lora_sr.COLOR_FIXES:
+        raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
+    if tile_overlap >= tile_size:
+        raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile_size}).")
+
+
 def auto_vae_tile(device: torch.device, size) -> int | None:
     """The VAE tile (latent px) used when none is given: tiled on CUDA above 2048² output pixels, else untiled."""
     if torch.device(device).type == "cuda" and size[0] * size[1] > 2048 * 2048:

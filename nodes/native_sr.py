@@ -204,11 +204,6 @@ def load_unet(patcher, shape) -> None:
     comfy.model_management.load_models_gpu([patcher], memory_required=memory)
 
 
-def adjustable(method: str, lambda_pix: float, lambda_sem: float) -> bool:
-    """PiSA-SR's two-pass mode (eq. 9) runs unless both strengths are 1."""
-    return method == "pisa-sr" and (lambda_pix, lambda_sem) != (1.0, 1.0)
-
-
 def combine(eps_main: torch.Tensor, eps_pix: torch.Tensor | None, lambda_pix: float,
             lambda_sem: float) -> torch.Tensor:
     """ε of the step: the single pass, or PiSA-SR's λ_pix·ε_pix + λ_sem·(ε_pix+sem − ε_pix)."""
@@ -228,7 +223,7 @@ def super_resolve(node: str, model, clip, vae, sd: dict, method: str, source: st
     from .one_step_nodes import vp_schedule
 
     # 2. The SR weights as patches on clones; the condition (PiSA-SR: the empty prompt, as the pipeline)
-    main, pix = unet_clones(node, model, sd, method, adjustable(method, lambda_pix, lambda_sem), source)
+    main, pix = unet_clones(node, model, sd, method, lora_sr.pisa_two_pass(method, lambda_pix, lambda_sem), source)
     passes = [main] if pix is None else [main, pix]
     vae_patcher = vae_encoder_patcher(node, vae, sd, source) if method == "osediff" else vae.patcher
     cond = encode_prompt(node, model, clip, prompt if method == "osediff" else "")

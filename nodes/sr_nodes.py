@@ -320,7 +320,7 @@ class SwiftStepUpscaleV2(io.ComfyNode):
         import comfy.model_management
         import folder_paths
 
-        from ..core import finite, lora_sr, sr_weights
+        from ..core import finite, sr_step, sr_weights
         from . import native_sr
 
         node = "SwiftStepUpscaleV2"
@@ -328,19 +328,12 @@ class SwiftStepUpscaleV2(io.ComfyNode):
         check_images(node, "image", image)
         if image.shape[-1] not in (1, 3, 4):
             raise ValueError(f"{node}: input `image` must have 1, 3 or 4 channels, found {image.shape[-1]}.")
-        for name, value in (("lambda_pix", lambda_pix), ("lambda_sem", lambda_sem)):
-            try:
-                finite.check_finite(name, value)
-            except ValueError as error:
-                raise ValueError(f"{node}: input {error}") from None
-        if isinstance(upscale, bool) or not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"{node}: input `upscale` must be a positive integer, got {upscale!r}.")
-        if tile_overlap >= tile_size:
-            raise ValueError(f"{node}: input `tile_overlap` ({tile_overlap}) must be smaller than `tile_size` "
-                             f"({tile_size}).")
-        if color_fix not in lora_sr.COLOR_FIXES:
-            raise ValueError(f"{node}: input `color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got "
-                             f"{color_fix!r}.")
+        try:  # the pipeline's own checks; the messages name the input
+            finite.check_finite("lambda_pix", lambda_pix)
+            finite.check_finite("lambda_sem", lambda_sem)
+            sr_step.check_args(upscale, color_fix, tile_size, tile_overlap)
+        except ValueError as error:
+            raise ValueError(f"{node}: input {error}") from None
         native_sr.check_base(node, model, clip, vae)
         source = f"{node}: input `weights`: {weights}"
         sd = sr_weights.read_sr_weights(folder_paths.get_full_path_or_raise("swiftstep", weights))

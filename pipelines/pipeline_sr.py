@@ -277,13 +277,8 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
 
     def _check_sr_args(self, upscale, color_fix, tile_size, tile_overlap) -> int:
         """The checks image and video SR share; returns the latent tile edge (default: from free memory)."""
-        if not isinstance(upscale, int) or upscale < 1:
-            raise ValueError(f"`upscale` must be a positive integer, got {upscale!r}.")
-        if color_fix not in lora_sr.COLOR_FIXES:
-            raise ValueError(f"`color_fix` must be one of {tuple(lora_sr.COLOR_FIXES)}, got {color_fix!r}.")
         tile = self._auto_tile() if tile_size is None else tile_size
-        if tile_overlap >= tile:
-            raise ValueError(f"`tile_overlap` ({tile_overlap}) must be smaller than `tile_size` ({tile}).")
+        sr_step.check_args(upscale, color_fix, tile, tile_overlap)
         return tile
 
     # ------------------------------------------------------------------ call
@@ -325,7 +320,7 @@ class OneStepSRPipeline(DiffusionPipeline, FromSingleFileMixin):
         osediff = self.sr_method == "osediff"
         t = lora_sr.OSEDIFF_T if osediff else lora_sr.PISA_T
         embeds = self._prompt_embeds(prompt if osediff else "", device).to(dtype)
-        adjustable = not osediff and (lambda_pix, lambda_sem) != (1.0, 1.0)
+        adjustable = lora_sr.pisa_two_pass(self.sr_method, lambda_pix, lambda_sem)
         config = self.scheduler.config
         schedule = onestep.NoiseSchedule.vp(onestep.alphas_cumprod(
             config.beta_start, config.beta_end, config.num_train_timesteps, config.beta_schedule))
