@@ -126,10 +126,137 @@ _PRESET_LIST = [
            notes="rectified flow (InstaFlow-0.9B); α from SNOOPI v1"),
 ]
 
-PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
+UNET_PRESETS: dict[str, Preset] = {p.name: p for p in _PRESET_LIST}
 
 
-def get_preset(name: str) -> Preset:
+# --------------------------------------------------------------------------- flow-matching DiTs
+# Rectified-flow transformers (x_σ = (1 − σ)·x0 + σ·ε, velocity prediction; `core.flow_match`) and SANA-Sprint's
+# TrigFlow consistency model. Each entry is the recipe of the model card / official inference code, and names the
+# stock diffusers pipeline class its folders carry (model_index.json `_class_name`).
+
+DIT_FAMILY_NAMES = {"flux": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3/SD3.5", "zimage": "Z-Image",
+                    "qwenimage": "Qwen-Image", "sana-sprint": "SANA-Sprint"}
+
+
+@dataclass(frozen=True)
+class FlowPreset:
+    """A distilled flow-matching DiT's sampling recipe.
+
+    σ grid for n steps (flow presets): the base grid linspace(1, 1/n, n) (or `base_sigmas[n]`), shifted by the static
+    SD3 shift `shift`, or, with `mu_rule="flux2"`, by FLUX.2's exponential shift with μ = flux2_mu(tokens, n); a final
+    σ = 0 is appended. SANA-Sprint (`schedule="scm"`) samples TrigFlow angles instead: [max_t, intermediate_t, 0] at
+    exactly 2 steps, else linspace(max_t, 0, n + 1)."""
+
+    name: str
+    family: str  # key of DIT_FAMILY_NAMES
+    pipeline: str  # the stock diffusers pipeline class the model's folder names
+    steps: tuple[int, ...]  # step counts (network evaluations) the model was distilled for
+    default_steps: int
+    reference: str  # the stock diffusers call this preset reproduces
+    source: str  # where the numbers come from, with the line
+    shift: float = 1.0
+    mu_rule: str | None = None  # "flux2": μ from the image-token count and the step count
+    base_sigmas: dict[int, tuple[float, ...]] | None = None
+    guidance_embed: float | None = None  # guidance fed to the network as an embedding (no CFG)
+    max_sequence_length: int | None = None  # text tokens the recipe encodes (None: the pipeline's default)
+    lora: str | None = None  # the LoRA this preset needs on top of the base model, as published
+    max_timesteps: float | None = None  # SCM: first TrigFlow angle
+    intermediate_timesteps: float | None = None  # SCM: second angle, valid at exactly 2 steps
+    notes: str = ""
+    schedule: str = "flow-match"  # "flow-match" | "scm"
+
+    @property
+    def families(self) -> tuple[str, ...]:
+        return (self.family,)
+
+    def check_steps(self, steps: int | None) -> int:
+        steps = self.default_steps if steps is None else steps
+        if steps not in self.steps:
+            raise ValueError(
+                f"Preset {self.name!r} supports num_inference_steps in {list(self.steps)}, got {steps}"
+                f"{'; ' + self.notes if self.notes else ''}. Pass `sigmas=[...]` for a custom schedule."
+            )
+        return steps
+
+    def sigmas(self, steps: int | None = None, image_seq_len: int | None = None):
+        """The σ grid (steps + 1 values, float64, ending in 0) for a flow preset."""
+        from .flow_match import flow_sigmas, flux2_mu
+
+        if self.schedule != "flow-match":
+            raise ValueError(f"Preset {self.name!r} samples TrigFlow angles (SCM), not flow-matching σ; use "
+                             f"`scm_timesteps()`.")
+        steps = self.check_steps(steps)
+        base = self.base_sigmas[steps] if self.base_sigmas else None
+        if self.mu_rule == "flux2":
+            if image_seq_len is None:
+                raise ValueError(f"Preset {self.name!r} shifts σ by the image size: pass `image_seq_len`.")
+            return flow_sigmas(steps, base, mu=flux2_mu(image_seq_len, steps), shift_kind="exponential")
+        return flow_sigmas(steps, base, shift=self.shift)
+
+    def scm_timesteps(self, steps: int | None = None) -> tuple[float, ...]:
+        """SANA-Sprint's TrigFlow angles (steps + 1 values, ending in 0)."""
+        steps = self.check_steps(steps)
+        if self.intermediate_timesteps is not None and steps == 2:
+            return (self.max_timesteps, self.intermediate_timesteps, 0.0)
+        return tuple(float(t) for t in np.linspace(self.max_timesteps, 0.0, steps + 1))
+
+    def intermediate_for(self, steps: int) -> float | None:
+        """The intermediate angle to use at `steps` (SCM's intermediate step exists only for 2-step sampling)."""
+        return self.intermediate_timesteps if steps == 2 else None
+
+
+_FLOW_PRESET_LIST = [
+    FlowPreset("flux-schnell", "flux", "FluxPipeline", (1, 2, 3, 4), 4,
+               reference="FluxPipeline(num_inference_steps=4, guidance_scale=0.0, max_sequence_length=256) with the "
+                         "folder's scheduler (static shift 1.0: the plain grid)",
+               source="black-forest-labs/flux src/flux/cli.py: get_schedule(..., shift=(name != 'flux-schnell')); "
+                      "FLUX.1-schnell model card; scheduler_config.json shift 1.0, use_dynamic_shifting false",
+               max_sequence_length=256,
+               notes="timestep-distilled (LADD); no guidance embedding. ComfyUI's FluxSchnell sampling shifts σ "
+                     "(μ = 1), the official sampler does not"),
+    FlowPreset("flux2-klein", "flux2", "Flux2KleinPipeline", (4,), 4, mu_rule="flux2",
+               reference="Flux2KleinPipeline(num_inference_steps=4) of a distilled folder (is_distilled: true, CFG off)",
+               source="black-forest-labs/flux2 sampling (empirical μ); diffusers pipeline_flux2_klein.py "
+                      "compute_empirical_mu; FLUX.2-klein model card: 4 steps, cfg 1",
+               notes="step- and guidance-distilled; 4 steps"),
+    FlowPreset("zimage-turbo", "zimage", "ZImagePipeline", (8,), 8, shift=3.0,
+               reference="ZImagePipeline(num_inference_steps=8, guidance_scale=0.0) with the folder's scheduler "
+                         "(static shift 3.0)",
+               source="Tongyi-MAI/Z-Image src/zimage/pipeline.py generate(): sigma_min = 0, the last step (t = 0) "
+                      "skipped, so the card's num_inference_steps=9 is 8 evaluations on linspace(1, 1/8, 8) shifted "
+                      "by 3; scheduler_config.json shift 3.0; ComfyUI template ModelSamplingAuraFlow shift 3",
+               notes="8 evaluations: the model card's `num_inference_steps=9` counts a skipped last step at σ = 0"),
+    *[
+        FlowPreset(f"qwen-image-lightning-{n}step", "qwenimage", "QwenImagePipeline", (n,), n, shift=3.0,
+                   reference=f"QwenImagePipeline(num_inference_steps={n}, true_cfg_scale=1.0) + the {n}-step LoRA, "
+                             "scheduler with base_shift = max_shift = log 3 (exponential), no terminal stretch",
+                   source="ModelTC/Qwen-Image-Lightning generate_with_diffusers.py L82–97 (μ = log 3 for every "
+                          "size, i.e. the static shift 3)",
+                   lora=f"lightx2v/Qwen-Image-Lightning: Qwen-Image-Lightning-{n}steps-V1.0.safetensors (or newer "
+                        f"{n}-step versions)",
+                   notes=f"a LoRA on Qwen-Image; {n} steps with the {n}-step LoRA")
+        for n in (4, 8)
+    ],
+    FlowPreset("sd35-large-turbo", "sd3", "StableDiffusion3Pipeline", (4,), 4, shift=3.0,
+               reference="StableDiffusion3Pipeline(num_inference_steps=4, guidance_scale=0.0) with the folder's "
+                         "scheduler (static shift 3.0)",
+               source="stabilityai/stable-diffusion-3.5-large-turbo model card; scheduler_config.json shift 3.0",
+               notes="ADD; 4 steps, guidance 0"),
+    FlowPreset("sana-sprint", "sana-sprint", "SanaSprintPipeline", (1, 2, 3, 4), 2, schedule="scm",
+               guidance_embed=4.5, max_sequence_length=300, max_timesteps=1.5708, intermediate_timesteps=1.3,
+               reference="SanaSprintPipeline(num_inference_steps=2, max_timesteps=1.5708, intermediate_timesteps=1.3, "
+                         "guidance_scale=4.5); other step counts with intermediate_timesteps=None",
+               source="NVlabs/Sana SANA-Sprint (sCM + LADD); diffusers pipeline_sana_sprint.py and "
+                      "scheduling_scm.py set_timesteps (the intermediate angle is valid only at 2 steps)",
+               notes="the intermediate angle 1.3 applies only at 2 steps"),
+]
+
+FLOW_PRESETS: dict[str, FlowPreset] = {p.name: p for p in _FLOW_PRESET_LIST}
+
+PRESETS: dict[str, Preset | FlowPreset] = {**UNET_PRESETS, **FLOW_PRESETS}
+
+
+def get_preset(name: str) -> Preset | FlowPreset:
     try:
         return PRESETS[name]
     except KeyError:

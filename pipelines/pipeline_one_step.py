@@ -22,7 +22,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from ..core import nag, nasa, onestep
-from ..core.presets import FAMILY_NAMES, PRESETS, Preset, get_preset
+from ..core.finite import check_finite_tensor
+from ..core.presets import DIT_FAMILY_NAMES, FAMILY_NAMES, UNET_PRESETS, Preset, get_preset
 from . import lora_check, nasa_processor, single_file
 
 logger = logging.getLogger("swiftstep")
@@ -228,11 +229,9 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
     # ------------------------------------------------------------------ helpers
     def _check_preset(self, preset: Preset) -> None:
         if self.family not in preset.families:
-            wanted = " or ".join(FAMILY_NAMES[f] for f in preset.families)
-            raise ValueError(
-                f"Preset {preset.name!r} is for {wanted} UNets, but this pipeline's UNet is "
-                f"{FAMILY_NAMES[self.family]}-shaped."
-            )
+            wanted = " or ".join({**FAMILY_NAMES, **DIT_FAMILY_NAMES}[f] for f in preset.families)
+            raise ValueError(f"Preset {preset.name!r} is for {wanted} models (`swiftstep.pipelines.load_one_step` "
+                             f"loads any), but this pipeline's UNet is {FAMILY_NAMES[self.family]}-shaped.")
 
     def resolve_preset(self, preset: str | None) -> Preset | None:
         """The preset to use: the argument, else the one stored in the folder, else one implied by the scheduler."""
@@ -331,7 +330,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
             raise ValueError(
                 f"No preset given and none can be inferred from this folder's scheduler "
                 f"({type(self.scheduler).__name__}, prediction_type={self.scheduler.config.get('prediction_type')!r}); "
-                f"pass `preset=` (one of: {', '.join(PRESETS)}) or explicit `timesteps=[...]`."
+                f"pass `preset=` (one of: {', '.join(UNET_PRESETS)}) or explicit `timesteps=[...]`."
             )
         if timesteps is not None:
             timesteps = [float(t) for t in timesteps]
@@ -577,10 +576,7 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
     def _check_latents(latents, shape):
         if tuple(latents.shape) != shape:
             raise ValueError(f"`latents` must have shape {shape}, got {tuple(latents.shape)}.")
-        if not torch.isfinite(latents).all():
-            bad = int((~torch.isfinite(latents)).sum())
-            raise ValueError(f"`latents` must be finite unit Gaussian noise, got {bad} NaN/inf values of "
-                             f"{latents.numel()}.")
+        check_finite_tensor("latents", latents, "finite unit Gaussian noise")
 
     def _noised_image_latents(self, image, batch, shape, sampler, generator, device, dtype):
         """x = a(t₀)·z + b(t₀)·ε for the image's VAE posterior sample z (× scaling factor): the VP form of

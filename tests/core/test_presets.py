@@ -3,7 +3,7 @@
 import pytest
 from diffusers import DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, TCDScheduler
 
-from swiftstep.core.presets import PRESETS, get_preset, lcm_timesteps, trailing_timesteps
+from swiftstep.core.presets import UNET_PRESETS, get_preset, lcm_timesteps, trailing_timesteps
 
 CFG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", set_alpha_to_one=False)
 
@@ -38,7 +38,7 @@ def test_published_timesteps():
 
 
 def test_every_preset_is_consistent():
-    for p in PRESETS.values():
+    for p in UNET_PRESETS.values():
         assert p.default_steps in p.timesteps, p.name
         assert set(p.families) <= {"sd1", "sd2", "sdxl"}, p.name
         for n, ts in p.timesteps.items():

@@ -12,7 +12,7 @@ import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                        LatentConsistencyModelPipeline, LCMScheduler, TCDScheduler, UNet2DConditionModel)
 
-from swiftstep.core.presets import PRESETS
+from swiftstep.core.presets import UNET_PRESETS
 from swiftstep.pipelines import OneStepPipeline
 
 from ..fixtures import gen, stock_pipeline
@@ -139,7 +139,7 @@ def test_non_finite_latents_are_refused_before_sampling(pipes):
 
 def test_every_preset_has_a_stock_comparison():
     covered = {c[0] for c in CASES} | {"lcm", "instaflow", "swiftbrush-v2"}  # the last three are tested below
-    assert covered == set(PRESETS)
+    assert covered == set(UNET_PRESETS)
 
 
 def test_lcm_full_unet_with_guidance_embedding_matches_lcm_pipeline(pipes):
