@@ -2,6 +2,7 @@
 
     swiftstep generate --model stabilityai/sd-turbo --prompt "a red fox" --out fox.png
     swiftstep generate --model sd_xl_base.safetensors --config ./sdxl-folder --preset dmd2-sdxl-4step ...
+    swiftstep generate --model black-forest-labs/FLUX.1-schnell --prompt "a red fox" --dtype bfloat16
     swiftstep selftest            # builds a tiny random model offline and runs the whole generate path
     swiftstep upscale photo.png --base ./sd21-base --weights pisa_sr.pkl --scale 4 --out upscaled/
     swiftstep upscale-video clip.mp4 --base ./sd21-base --weights model.pkl --out clip_x4.mp4
@@ -69,9 +70,55 @@ def save_png(image, path: Path, params: dict, line: str | None = None) -> Path:
     return path
 
 
+def dit_folder(model: str) -> bool:
+    """Whether `--model` is a diffusers folder (or hub id) of a distilled DiT (FLUX, SD3.5, Z-Image, …)."""
+    from .pipelines.load_one_step import read_config
+    from .pipelines.pipeline_distilled_dit import PIPELINE_FAMILIES
+
+    path = Path(model)
+    if path.suffix in (".safetensors", ".ckpt") or not (path.is_dir() or model.count("/") == 1):
+        return False
+    return read_config(model).get("_class_name") in PIPELINE_FAMILIES
+
+
+def generate_dit(args) -> list[Path]:
+    """`generate` for a distilled DiT folder: `load_one_step` and the preset's recipe."""
+    import torch
+
+    from .pipelines import load_one_step
+
+    for flag, value in (("--image", args.image), ("--gamma", args.gamma), ("--config", args.config)):
+        if value is not None:
+            raise ValueError(f"{flag} applies to SD/SDXL UNet models only; {args.model} is a DiT folder.")
+    pipe = load_one_step(args.model, args.preset, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
+    height, width = pipe.default_size(args.height, args.width)
+    schedule = pipe.resolve(None, args.steps, timesteps, None, height, width)
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    images = pipe(args.prompt, num_inference_steps=args.steps, timesteps=timesteps, height=height, width=width,
+                  num_images_per_prompt=args.num_images, generator=generator).images
+    if "sigmas" in schedule:
+        grid = {"sigmas": schedule["sigmas"]}
+    else:  # SANA-Sprint: the TrigFlow angles it sampled
+        grid = {"angles": schedule.get("timesteps") or pipe.preset.scm_timesteps(schedule["num_inference_steps"])}
+    params = {"prompt": args.prompt, "model": args.model, "preset": pipe.preset.name if pipe.preset else None,
+              "steps": schedule["num_inference_steps"], **{k: [round(float(v), 6) for v in g] for k, g in grid.items()},
+              "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
+    line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
+            f"Seed: {args.seed}, Size: {width}x{height}, Model: {args.model}, Version: swiftstep {__version__}")
+    return _save_all(images, Path(args.out), params, line)
+
+
+def _save_all(images, out: Path, params: dict, line: str) -> list[Path]:
+    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
+    return [save_png(image, path, {**params, "index": i}, line) for i, (image, path) in enumerate(zip(images, paths))]
+
+
 def generate(args) -> list[Path]:
     import torch
 
+    if dit_folder(args.model):
+        return generate_dit(args)
     pipe = load_pipeline(args.model, args.config, args.dtype, args.device)
     preset = pipe.resolve_preset(args.preset)
     timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
@@ -94,12 +141,10 @@ def generate(args) -> list[Path]:
               "gamma": args.gamma, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
     if image is not None:
         params.update(image=str(args.image), strength=args.strength)
-    out = Path(args.out)
-    paths = [out] if len(images) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(len(images))]
     line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
             f"Seed: {args.seed}, Size: {width}x{height}, Model: {args.model}, Timesteps: {params['timesteps']}, "
             f"Version: swiftstep {__version__}")
-    return [save_png(image, path, {**params, "index": i}, line) for i, (image, path) in enumerate(zip(images, paths))]
+    return _save_all(images, Path(args.out), params, line)
 
 
 def upscale(args) -> list[Path]:
@@ -203,12 +248,15 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="text-to-image (or image-to-image) with a one-/few-step model")
-    g.add_argument("--model", required=True, help="diffusers folder, hub id, or original .safetensors/.ckpt file")
+    g.add_argument("--model", required=True, help="diffusers folder or hub id (SD/SDXL UNets and the distilled DiTs: "
+                   "FLUX.1-schnell, FLUX.2-klein, Z-Image-Turbo, Qwen-Image, SD3.5-Turbo, SANA-Sprint), or an "
+                   "original SD/SDXL .safetensors/.ckpt file")
     g.add_argument("--config", help="for a single file: a local diffusers folder of the same family (offline)")
     g.add_argument("--prompt", required=True)
     g.add_argument("--preset", help="one of swiftstep.core.presets.PRESETS (default: inferred from the folder)")
     g.add_argument("--steps", type=int, help="number of steps (a count the preset supports)")
-    g.add_argument("--timesteps", help="explicit comma-separated timesteps, e.g. 999,749,499,249")
+    g.add_argument("--timesteps", help="explicit comma-separated timesteps, e.g. 999,749,499,249 (flow DiTs: "
+                   "1000·σ; SANA-Sprint: steps + 1 TrigFlow angles ending in 0)")
     g.add_argument("--gamma", type=float, help="TCD/CTM gamma sampling, 0 (deterministic) … 1 (full re-noise)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=int)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from .onestep import StepRule
 
@@ -142,7 +143,9 @@ DIT_FAMILY_NAMES = {"flux": "FLUX.1", "flux2": "FLUX.2", "sd3": "SD3/SD3.5", "zi
 class FlowPreset:
     """A distilled flow-matching DiT's sampling recipe.
 
-    σ grid for n steps (flow presets): the base grid linspace(1, 1/n, n) (or `base_sigmas[n]`), shifted by the static
+    σ grid for n steps (flow presets): the base grid linspace(1, 1/n, n) — or linspace(1, σ_min, n) with
+    `base_end="sigma_min"`, σ_min = shift(1/T) the smallest σ of the shifted training grid, as SD3's reference sampler
+    and diffusers' default `set_timesteps` build it —, or `base_sigmas[n]`; shifted by the static
     SD3 shift `shift`, or, with `mu_rule="flux2"`, by FLUX.2's exponential shift with μ = flux2_mu(tokens, n); a final
     σ = 0 is appended. SANA-Sprint (`schedule="scm"`) samples TrigFlow angles instead: [max_t, intermediate_t, 0] at
     exactly 2 steps, else linspace(max_t, 0, n + 1)."""
@@ -157,6 +160,7 @@ class FlowPreset:
     shift: float = 1.0
     mu_rule: str | None = None  # "flux2": μ from the image-token count and the step count
     base_sigmas: dict[int, tuple[float, ...]] | None = None
+    base_end: str = "1/n"  # "1/n" | "sigma_min": where the unshifted base grid ends
     guidance_embed: float | None = None  # guidance fed to the network as an embedding (no CFG)
     max_sequence_length: int | None = None  # text tokens the recipe encodes (None: the pipeline's default)
     lora: str | None = None  # the LoRA this preset needs on top of the base model, as published
@@ -180,7 +184,7 @@ class FlowPreset:
 
     def sigmas(self, steps: int | None = None, image_seq_len: int | None = None):
         """The σ grid (steps + 1 values, float64, ending in 0) for a flow preset."""
-        from .flow_match import flow_sigmas, flux2_mu
+        from .flow_match import flow_sigmas, flux2_mu, static_shift
 
         if self.schedule != "flow-match":
             raise ValueError(f"Preset {self.name!r} samples TrigFlow angles (SCM), not flow-matching σ; use "
@@ -191,7 +195,9 @@ class FlowPreset:
             if image_seq_len is None:
                 raise ValueError(f"Preset {self.name!r} shifts σ by the image size: pass `image_seq_len`.")
             return flow_sigmas(steps, base, mu=flux2_mu(image_seq_len, steps), shift_kind="exponential")
-        return flow_sigmas(steps, base, shift=self.shift)
+        sigma_min = static_shift(torch.tensor(1 / 1000, dtype=torch.float64), self.shift).item() \
+            if self.base_end == "sigma_min" else None
+        return flow_sigmas(steps, base, shift=self.shift, sigma_min=sigma_min)
 
     def scm_timesteps(self, steps: int | None = None) -> tuple[float, ...]:
         """SANA-Sprint's TrigFlow angles (steps + 1 values, ending in 0)."""
@@ -237,11 +243,14 @@ _FLOW_PRESET_LIST = [
                    notes=f"a LoRA on Qwen-Image; {n} steps with the {n}-step LoRA")
         for n in (4, 8)
     ],
-    FlowPreset("sd35-large-turbo", "sd3", "StableDiffusion3Pipeline", (4,), 4, shift=3.0,
+    FlowPreset("sd35-large-turbo", "sd3", "StableDiffusion3Pipeline", (4,), 4, shift=3.0, base_end="sigma_min",
                reference="StableDiffusion3Pipeline(num_inference_steps=4, guidance_scale=0.0) with the folder's "
                          "scheduler (static shift 3.0)",
-               source="stabilityai/stable-diffusion-3.5-large-turbo model card; scheduler_config.json shift 3.0",
-               notes="ADD; 4 steps, guidance 0"),
+               source="stabilityai/stable-diffusion-3.5-large-turbo model card; Stability-AI/sd3.5 sd3_infer.py "
+                      "get_sigmas: t = linspace(timestep(σ_max), timestep(σ_min), n), σ = shift(t/1000), then 0; "
+                      "scheduler_config.json shift 3.0",
+               notes="ADD; 4 steps, guidance 0. The last σ is ≈ 0.009, not 0.5: ComfyUI's `simple` scheduler "
+                     "gives another grid"),
     FlowPreset("sana-sprint", "sana-sprint", "SanaSprintPipeline", (1, 2, 3, 4), 2, schedule="scm",
                guidance_embed=4.5, max_sequence_length=300, max_timesteps=1.5708, intermediate_timesteps=1.3,
                reference="SanaSprintPipeline(num_inference_steps=2, max_timesteps=1.5708, intermediate_timesteps=1.3, "

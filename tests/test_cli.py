@@ -172,3 +172,26 @@ def test_upscale_names_a_bad_input_file_weights_file_base_file_and_lambda(models
     assert "base.safetensors: expected an SD1.x/SD2.x/SDXL checkpoint in the original (Stability/LDM) key layout in " \
            "the safetensors format; the safetensors parser found: Error while deserializing header" in \
            capsys.readouterr().err
+
+
+def test_generate_runs_a_dit_preset_and_records_its_sigmas(tmp_path, capsys):
+    from swiftstep.pipelines import load_one_step
+
+    from .dit_fixtures import write_folder
+
+    folder = write_folder("flux", tmp_path)
+    out = tmp_path / "flux.png"
+    rc = main(["generate", "--model", str(folder), "--prompt", "a red fox", "--preset", "flux-schnell", "--steps",
+               "2", "--height", "32", "--width", "32", "--seed", "3", "--out", str(out), "--device", "cpu"])
+    assert rc == 0
+    image = Image.open(out)
+    meta = json.loads(image.text["swiftstep"])
+    assert meta["preset"] == "flux-schnell" and meta["steps"] == 2 and meta["sigmas"] == [1.0, 0.5]
+    ref = load_one_step(folder)("a red fox", num_inference_steps=2, height=32, width=32,
+                                generator=torch.Generator().manual_seed(3)).images[0]
+    assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref))
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--preset", "sd35-large-turbo",
+                 "--device", "cpu", "--out", str(out)]) == 2
+    assert "presets that fit: flux-schnell" in capsys.readouterr().err
+    assert main(["generate", "--model", str(folder), "--prompt", "x", "--gamma", "0.3", "--device", "cpu"]) == 2
+    assert "--gamma applies to SD/SDXL UNet models only" in capsys.readouterr().err

@@ -90,3 +90,16 @@ def test_step_counts_outside_the_distillation_are_refused_with_the_valid_ones():
     with pytest.raises(ValueError, match=r"'flux-schnell' supports num_inference_steps in \[1, 2, 3, 4\], got 8"):
         get_preset("flux-schnell").sigmas(8, 1024)
     assert isinstance(get_preset("sd35-large-turbo"), FlowPreset)
+
+
+def test_sd35_large_turbo_is_the_reference_samplers_grid():
+    # Stability-AI/sd3.5 sd3_infer.py get_sigmas: t = linspace(timestep(σ_max), timestep(σ_min), n) with the model's
+    # discrete-flow sampling (σ(t) = shift·(t/1000) / (1 + (shift − 1)·t/1000), timestep(σ) = 1000·σ, σ_min = σ(1))
+    def sigma(t, shift=3.0):
+        return shift * (t / 1000) / (1 + (shift - 1) * t / 1000)
+
+    ts = torch.linspace(1000 * sigma(torch.tensor(1000.0, dtype=torch.float64)),
+                        1000 * sigma(torch.tensor(1.0, dtype=torch.float64)), 4, dtype=torch.float64)
+    official = torch.cat([sigma(ts), torch.zeros(1, dtype=torch.float64)])
+    assert_close_to_scale(FLOW_PRESETS["sd35-large-turbo"].sigmas(4, 1024), official, rel=1e-12)
+    assert FLOW_PRESETS["sd35-large-turbo"].sigmas(4, 1024)[-2] < 0.01
