@@ -2,9 +2,9 @@
 
 from comfy_api.latest import ComfyExtension, io
 
-from . import attention_nodes, fast_path_nodes, mar_nodes, nasa_nodes, one_step_nodes, sr_nodes
+from . import attention_nodes, fast_path_nodes, mar_nodes, nasa_nodes, one_step_nodes, sana_sprint_nodes, sr_nodes
 
-NODE_MODULES = [one_step_nodes, nasa_nodes, attention_nodes, fast_path_nodes, sr_nodes, mar_nodes]
+NODE_MODULES = [one_step_nodes, nasa_nodes, attention_nodes, fast_path_nodes, sr_nodes, mar_nodes, sana_sprint_nodes]
 
 
 class SwiftStepExtension(ComfyExtension):

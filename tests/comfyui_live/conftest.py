@@ -110,7 +110,21 @@ def base_dir(tmp_path_factory):
         (base / "models" / rel).symlink_to(cache / Path(same).name)
     _sr_models(base)
     _mar_models(base, cache)
+    _sana_sprint_models(base, cache)
     return base
+
+
+SANA_SPRINT_FOLDER = "diffusers/Sana_Sprint_1.6B_1024px_diffusers"  # the folder name workflows/sana_sprint.json uses
+
+
+def _sana_sprint_models(base: Path, cache: Path) -> None:
+    """For the SANA-Sprint workflow: the tiny random-weight SANA-Sprint diffusers folder (tests/dit_fixtures), cached,
+    under the released model's folder name."""
+    from ..dit_fixtures import write_folder
+
+    folder = write_folder("sana-sprint", cache / "sana-sprint")
+    (base / "models" / "diffusers").mkdir(parents=True, exist_ok=True)
+    (base / "models" / SANA_SPRINT_FOLDER).symlink_to(folder, target_is_directory=True)
 
 
 def _mar_models(base: Path, cache: Path) -> None:

@@ -19,7 +19,8 @@ def test_pack_loads_and_lists_every_node(server, base_dir):
     info = _get(server + "/object_info")
     ours = sorted(k for k in info if k.startswith("SwiftStep"))
     assert ours == ["SwiftStepFastPath", "SwiftStepMARLoader", "SwiftStepMARSample", "SwiftStepNASA", "SwiftStepOneStepSampler",
-                    "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepTritonAttention", "SwiftStepUpscale",
+                    "SwiftStepPresetSigmas", "SwiftStepSRLoader", "SwiftStepSanaSprintLoader",
+                    "SwiftStepSanaSprintSampler", "SwiftStepTritonAttention", "SwiftStepUpscale",
                     "SwiftStepUpscaleV2", "SwiftStepVideoUpscale"]
     for name in ours:
         assert info[name]["category"].startswith("swiftstep/")
@@ -38,7 +39,7 @@ def test_workflow_runs_to_a_saved_image(server, base_dir, path):
     assert validate(workflow, specs) == []  # against the live server's own node specs
     prompt = to_api(workflow, specs)
     for node in prompt.values():
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] in ("EmptyLatentImage", "SwiftStepSanaSprintSampler"):
             node["inputs"].update(width=TEST_SIZE, height=TEST_SIZE)
         if node["class_type"] in ("SwiftStepUpscale", "SwiftStepUpscaleV2"):
             node["inputs"].update(min_side=TEST_SIZE)  # tiny random SD2: keep the CPU run short
@@ -82,3 +83,18 @@ def test_bad_steps_is_a_validation_error_naming_node_input_and_allowed_values(se
     assert e.value.code == 400
     errors = json.loads(e.value.read())["node_errors"][sigmas_node]["errors"]
     assert any("input `steps` = 7 does not fit preset 'sd-turbo'; allowed: 0" in json.dumps(err) for err in errors)
+
+
+def test_sana_sprint_size_not_a_multiple_of_32_is_a_validation_error(server):
+    specs = _get(server + "/object_info")
+    prompt = to_api(json.loads(next(w for w in WORKFLOWS if w.stem == "sana_sprint").read_text()), specs)
+    sampler = next(k for k, n in prompt.items() if n["class_type"] == "SwiftStepSanaSprintSampler")
+    prompt[sampler]["inputs"]["width"] = 1000
+    request = urllib.request.Request(server + "/prompt", data=json.dumps({"prompt": prompt}).encode(),
+                                     headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(request, timeout=60)
+    assert e.value.code == 400
+    errors = json.loads(e.value.read())["node_errors"][sampler]["errors"]
+    expected = "SwiftStepSanaSprintSampler: input `width` must be a multiple of 32"
+    assert any(expected in json.dumps(err) for err in errors)
