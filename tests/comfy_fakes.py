@@ -178,6 +178,27 @@ def model_sampling(kind=EPS):
     return type("ModelSampling", (ModelSamplingDiscrete, kind), {})()
 
 
+class ModelSamplingDiscreteFlow(torch.nn.Module):
+    """comfy.model_sampling.ModelSamplingDiscreteFlow: t = σ·multiplier; `sigma(t)` applies the static shift."""
+
+    def __init__(self, shift=1.0, multiplier=1000):
+        super().__init__()
+        self.shift, self.multiplier = shift, multiplier
+
+    def timestep(self, sigma):
+        return sigma * self.multiplier
+
+    def sigma(self, timestep):
+        t = timestep / self.multiplier
+        return self.shift * t / (1 + (self.shift - 1) * t)
+
+
+def flow_model_sampling(shift=1.0, multiplier=1000):
+    """What comfy.model_base.model_sampling builds for ModelType.FLOW (SD3: multiplier 1000; Flux-schnell, Z-Image:
+    1.0)."""
+    return type("ModelSampling", (ModelSamplingDiscreteFlow, CONST), {})(shift, multiplier)
+
+
 # ----------------------------------------------------------------------------- comfy.ldm.modules.attention
 
 
