@@ -218,8 +218,8 @@ _FLOW_PRESET_LIST = [
                source="black-forest-labs/flux src/flux/cli.py: get_schedule(..., shift=(name != 'flux-schnell')); "
                       "FLUX.1-schnell model card; scheduler_config.json shift 1.0, use_dynamic_shifting false",
                max_sequence_length=256,
-               notes="timestep-distilled (LADD); no guidance embedding. ComfyUI's FluxSchnell sampling shifts σ "
-                     "(μ = 1), the official sampler does not"),
+               notes="timestep-distilled (LADD); no guidance embedding; unshifted (ComfyUI's `simple` scheduler on "
+                     "its FluxSchnell sampling gives the same grid; a ModelSamplingFlux node would shift it)"),
     FlowPreset("flux2-klein", "flux2", "Flux2KleinPipeline", (4,), 4, mu_rule="flux2",
                reference="Flux2KleinPipeline(num_inference_steps=4) of a distilled folder (is_distilled: true, CFG off)",
                source="black-forest-labs/flux2 sampling (empirical μ); diffusers pipeline_flux2_klein.py "

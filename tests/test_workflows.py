@@ -7,35 +7,126 @@ import json
 import pytest
 
 from . import comfy_fakes as fakes
-from .workflow_format import (WORKFLOWS, core_specs, layout_problems, node_box, spec_from_schema, to_api,
+from .workflow_format import (DEFAULT_COMFYUI, WORKFLOWS, comfyui_versions, core_specs, layout_problems,
+                              live_test_skip, node_box, required_comfyui, spec_from_schema, supported_comfyui, to_api,
                               validate)
+
+# One example per distilled DiT family: SwiftStepPresetSigmas' σ grid sampled by ComfyUI's own euler at cfg 1.
+DIT_WORKFLOWS = {"flux1_schnell_4step": "flux-schnell", "sd35_large_turbo_4step": "sd35-large-turbo",
+                 "zimage_turbo_8step": "zimage-turbo", "qwen_image_lightning_4step": "qwen-image-lightning-4step",
+                 "flux2_klein_4step": "flux2-klein"}
 
 
 @pytest.fixture
-def specs(monkeypatch):
+def ours(monkeypatch):
     fakes.install(monkeypatch)
     import swiftstep
 
     nodes = asyncio.run(asyncio.run(swiftstep.comfy_entrypoint()).get_node_list())
-    ours = {n.define_schema().node_id: spec_from_schema(n.define_schema()) for n in nodes}
+    return {n.define_schema().node_id: spec_from_schema(n.define_schema()) for n in nodes}
+
+
+@pytest.fixture
+def specs(ours):
     return {**core_specs(), **ours}
 
 
 def test_there_are_workflows_for_each_family():
     names = {w.stem for w in WORKFLOWS}
     assert {"sd_turbo_one_step", "sdxl_dmd2_4step", "sd_turbo_negative_prompt_nasa", "pisa_sr_upscale",
-            "mar_disa_imagenet", "dloral_video_upscale", "sd_turbo_fast_path"} <= names
+            "mar_disa_imagenet", "dloral_video_upscale", "sd_turbo_fast_path", *DIT_WORKFLOWS} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
-def test_workflow_matches_node_schemas(specs, path):
+def test_workflow_matches_node_schemas(ours, path):
+    """Against the core nodes of the oldest ComfyUI the workflow claims (extra.swiftstep.requires_comfyui, default
+    0.3.64)."""
     workflow = json.loads(path.read_text())
     assert workflow["version"] == 0.4
+    specs = {**core_specs(required_comfyui(workflow)), **ours}
     assert validate(workflow, specs) == []
     prompt = to_api(workflow, specs)
     assert any(n["class_type"] in ("SaveImage", "SaveVideo") for n in prompt.values())
     notes = [n for n in workflow["nodes"] if n["type"] == "Note"]
     assert notes and "huggingface.co/" in notes[0]["widgets_values"][0]  # says where to get the model files
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_workflow_loads_in_every_newer_comfyui(ours, path):
+    """A workflow keeps loading in every captured ComfyUI from its minimum on (inputs renamed, combos changed, …)."""
+    workflow = json.loads(path.read_text())
+    versions = supported_comfyui(workflow)
+    assert required_comfyui(workflow) in comfyui_versions() and versions  # the minimum has captured specs
+    for version in versions:
+        assert validate(workflow, {**core_specs(version), **ours}) == [], f"ComfyUI {version}"
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
+def test_swiftstep_extra_is_well_formed(path):
+    """extra.swiftstep holds only known keys; a live-test flag is "skip: <reason>"."""
+    extra = json.loads(path.read_text()).get("extra", {}).get("swiftstep", {})
+    assert set(extra) <= {"requires_comfyui", "live_test"}
+    if "live_test" in extra:
+        assert extra["live_test"].startswith("skip: ") and len(extra["live_test"]) > len("skip: ") + 10
+
+
+@pytest.mark.parametrize("stem", DIT_WORKFLOWS)
+def test_distilled_dit_workflow_samples_the_preset_grid_with_euler_at_cfg_1(ours, stem):
+    """loader → SwiftStepPresetSigmas (the family's preset, default steps) → SamplerCustomAdvanced with KSamplerSelect
+    euler and BasicGuider (cfg 1: no negative) on the same MODEL as the sigmas, the empty latent's size given to the
+    σ node too (only flux2-klein reads it, from the same Width/Height nodes as the latent)."""
+    workflow = json.loads(next(w for w in WORKFLOWS if w.stem == stem).read_text())
+    specs = {**core_specs(required_comfyui(workflow)), **ours}
+    prompt = to_api(workflow, specs)
+    by_type = {}
+    for node_id, node in prompt.items():
+        by_type.setdefault(node["class_type"], []).append(node_id)
+    (sca,) = by_type["SamplerCustomAdvanced"]
+    inputs = prompt[sca]["inputs"]
+    source = {name: prompt[inputs[name][0]] for name in ("noise", "guider", "sampler", "sigmas", "latent_image")}
+    assert source["noise"]["class_type"] == "RandomNoise"
+    assert source["guider"]["class_type"] == "BasicGuider"
+    assert source["sampler"] == {"class_type": "KSamplerSelect", "inputs": {"sampler_name": "euler"}}
+    sigmas = source["sigmas"]
+    assert sigmas["class_type"] == "SwiftStepPresetSigmas"
+    assert sigmas["inputs"]["preset"] == DIT_WORKFLOWS[stem] and sigmas["inputs"]["steps"] == 0
+    assert sigmas["inputs"]["model"] == source["guider"]["inputs"]["model"]  # the σ and the sampling see one MODEL
+    assert "CFGGuider" not in by_type and "KSampler" not in by_type
+    latent = source["latent_image"]
+    for side in ("width", "height"):
+        assert sigmas["inputs"][side] == latent["inputs"][side]  # both linked to one node, or the same number
+        if stem == "flux2_klein_4step":
+            assert isinstance(latent["inputs"][side], list)  # linked: one place to change the size
+            assert prompt[latent["inputs"][side][0]]["class_type"] == "PrimitiveInt"
+    assert live_test_skip(workflow)  # the live server test cannot build these families' real-size encoders
+    note = next(n for n in workflow["nodes"] if n["type"] == "Note")["widgets_values"][0]
+    assert "models/diffusion_models/" in note or "models/checkpoints/" in note
+    assert "models/text_encoders/" in note and DIT_WORKFLOWS[stem] in note
+
+
+def test_comfyui_minimum_selects_the_specs():
+    """A workflow that names no minimum is checked against 0.3.64; one that needs a newer node (FLUX.2's latent) fails
+    there and names the release whose specs it loads in; an uncaptured release is an error, not a silent pass."""
+    assert DEFAULT_COMFYUI == comfyui_versions()[0] == "0.3.64" and "0.33.0" in comfyui_versions()
+    flux2 = json.loads(next(w for w in WORKFLOWS if w.stem == "flux2_klein_4step").read_text())
+    assert required_comfyui(flux2) == "0.33.0" and "EmptyFlux2LatentImage" not in core_specs()
+    unnamed = copy.deepcopy(flux2)
+    del unnamed["extra"]["swiftstep"]["requires_comfyui"]
+    assert required_comfyui(unnamed) == "0.3.64" and supported_comfyui(unnamed) == comfyui_versions()
+    unnamed["extra"]["swiftstep"]["requires_comfyui"] = "9.9.9"
+    assert supported_comfyui(unnamed) == []
+    with pytest.raises(ValueError, match="no core node specs"):
+        core_specs(required_comfyui(unnamed))
+
+
+def test_validation_catches_drift_against_the_required_comfyui(ours):
+    flux2 = json.loads(next(w for w in WORKFLOWS if w.stem == "flux2_klein_4step").read_text())
+    assert any("unknown node type 'EmptyFlux2LatentImage'" in e for e in validate(flux2, {**core_specs(), **ours}))
+    zimage = json.loads(next(w for w in WORKFLOWS if w.stem == "zimage_turbo_8step").read_text())
+    w = copy.deepcopy(zimage)
+    next(n for n in w["nodes"] if n["type"] == "CLIPLoader")["widgets_values"][1] = "flux2"
+    assert validate(w, {**core_specs("0.33.0"), **ours}) == []  # 0.33 has FLUX.2's text encoder type …
+    assert any("'flux2' is not one of" in e for e in validate(w, {**core_specs("0.3.64"), **ours}))  # … 0.3.64 not
 
 
 def test_validation_catches_drift(specs):

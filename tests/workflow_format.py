@@ -1,8 +1,13 @@
 """ComfyUI workflow files: check a UI-format workflow against node specs, and convert it to API format.
 
-Node specs have the `/object_info` shape. Core nodes come from `tests/data/comfyui_0.3.64_core_nodes.json` (captured
-from a real ComfyUI 0.3.64); ours are derived from our `define_schema()` (see `our_specs`). Widget values in a UI
-workflow are positional, in `input_order`, with one extra value after every input that has
+Node specs have the `/object_info` shape. Core nodes come from `tests/data/comfyui_<version>_core_nodes.json`
+(`GET /object_info` of a real ComfyUI of that version, started with `--cpu --disable-all-custom-nodes`, reduced to the
+core nodes the workflows use, file-name combos as `["<files>"]`): 0.3.64 by default, or the release a workflow names
+as its minimum in `extra.swiftstep.requires_comfyui` (e.g. "0.33.0" for Z-Image and FLUX.2). Ours are derived from
+our `define_schema()` (see `spec_from_schema`). `extra.swiftstep.live_test` = "skip: <reason>" marks a workflow the
+live server test cannot run (see `live_test_skip`).
+
+Widget values in a UI workflow are positional, in `input_order`, with one extra value after every input that has
 `control_after_generate` (the frontend's "fixed/randomize" widget) or an upload button (`image_upload`,
 `video_upload`); a widget whose input is linked still holds its slot (the link wins) — the rules the frontend
 itself applies.
@@ -19,8 +24,52 @@ FRONTEND_ONLY = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 
 
-def core_specs() -> dict:
-    return json.loads((ROOT / "tests/data/comfyui_0.3.64_core_nodes.json").read_text())["nodes"]
+DATA = ROOT / "tests/data"
+DEFAULT_COMFYUI = "0.3.64"  # the oldest ComfyUI the pack supports: a workflow that names no minimum must load in it
+
+
+def version_key(version: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in version.split("."))
+
+
+def comfyui_versions() -> list[str]:
+    """The ComfyUI releases whose core node specs are captured in tests/data, oldest first."""
+    names = (p.name[len("comfyui_"):-len("_core_nodes.json")] for p in DATA.glob("comfyui_*_core_nodes.json"))
+    return sorted(names, key=version_key)
+
+
+def core_specs(version: str = DEFAULT_COMFYUI) -> dict:
+    """Core node specs of ComfyUI `version` (one of `comfyui_versions()`)."""
+    path = DATA / f"comfyui_{version}_core_nodes.json"
+    if not path.exists():
+        raise ValueError(f"no core node specs captured for ComfyUI {version}; have {comfyui_versions()}")
+    data = json.loads(path.read_text())
+    assert data["comfyui_version"] == version, path
+    return data["nodes"]
+
+
+def swiftstep_extra(workflow: dict) -> dict:
+    """The workflow's `extra.swiftstep` dict (what the pack's tests read: requires_comfyui, live_test)."""
+    return workflow.get("extra", {}).get("swiftstep", {})
+
+
+def required_comfyui(workflow: dict) -> str:
+    """The oldest ComfyUI the workflow runs in: `extra.swiftstep.requires_comfyui`, else DEFAULT_COMFYUI."""
+    return swiftstep_extra(workflow).get("requires_comfyui", DEFAULT_COMFYUI)
+
+
+def supported_comfyui(workflow: dict) -> list[str]:
+    """The captured ComfyUI releases the workflow must load in: its minimum and every newer one."""
+    minimum = version_key(required_comfyui(workflow))
+    return [v for v in comfyui_versions() if version_key(v) >= minimum]
+
+
+def live_test_skip(workflow: dict) -> str | None:
+    """Why the live server test skips this workflow (`extra.swiftstep.live_test` = "skip: <reason>"), else None."""
+    flag = swiftstep_extra(workflow).get("live_test")
+    if isinstance(flag, str) and flag.startswith("skip:"):
+        return flag[len("skip:"):].strip()
+    return None
 
 
 def spec_from_schema(schema) -> dict:

@@ -10,7 +10,8 @@ import urllib.request
 
 import pytest
 
-from ..workflow_format import FRONTEND_ONLY, WORKFLOWS, assign_widgets, boxes_overlap, core_specs
+from ..workflow_format import FRONTEND_ONLY, WORKFLOWS, assign_widgets, boxes_overlap, core_specs, required_comfyui
+from .test_server_workflows import skip_if_unsupported
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 VIEWPORT = {"width": 1920, "height": 1080}
@@ -88,7 +89,7 @@ def _load(page, workflow: dict, name: str):
     return missing, {n["id"]: n for n in nodes}
 
 
-def _check_widgets(node: dict, got: dict, stem: str) -> None:
+def _check_widgets(node: dict, got: dict, stem: str, version: str) -> None:
     values = node["widgets_values"]
     if len(got["widgets"]) == len(values) or node["type"].startswith("SwiftStep"):
         assert got["widgets"] == values, (node["type"], got["widgets"])
@@ -96,15 +97,16 @@ def _check_widgets(node: dict, got: dict, stem: str) -> None:
     # A core node whose widget list changed after ComfyUI 0.3.64 (e.g. CreateVideo gains `bit_depth`, SaveVideo a
     # `format.codec` sub-widget): every value the file holds must still sit on the widget of the same name.
     by_name = dict(zip(got["widget_names"], got["widgets"]))
-    expected = assign_widgets({**node, "inputs": []}, core_specs()[node["type"]])  # linked widgets too
+    expected = assign_widgets({**node, "inputs": []}, core_specs(version)[node["type"]])  # linked widgets too
     assert {k: by_name.get(k, "<missing>") for k in expected} == expected, (node["type"], by_name)
     print(f"{stem}: {node['type']} (node {node['id']}) shows widgets {got['widget_names']}; the file (ComfyUI "
-          f"0.3.64) has {list(expected)}, values intact")
+          f"{version}) has {list(expected)}, values intact")
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
-def test_workflow_loads_in_the_frontend_without_missing_nodes(page, path, tmp_path, record_property):
+def test_workflow_loads_in_the_frontend_without_missing_nodes(server, page, path, tmp_path, record_property):
     workflow = json.loads(path.read_text())
+    skip_if_unsupported(server, workflow, runs=False)  # loading the graph needs no models
     missing, loaded = _load(page, workflow, path.stem)
     shot = tmp_path / f"{path.stem}.png"
     page.screenshot(path=str(shot))
@@ -117,7 +119,7 @@ def test_workflow_loads_in_the_frontend_without_missing_nodes(page, path, tmp_pa
         got = loaded[str(node["id"])]
         assert got["type"] == node["type"] and not got["has_errors"], got
         if node["type"] not in FRONTEND_ONLY:
-            _check_widgets(node, got, path.stem)
+            _check_widgets(node, got, path.stem, required_comfyui(workflow))
 
     # the file's sizes show every widget: the frontend would otherwise enlarge the node (towards its neighbours)
     too_small = {f"{n['id']} {n['type']}": (node["size"], [round(v) for v in n["min_size"]])
