@@ -34,7 +34,7 @@ def specs(ours):
 def test_there_are_workflows_for_each_family():
     names = {w.stem for w in WORKFLOWS}
     assert {"sd_turbo_one_step", "sdxl_dmd2_4step", "sd_turbo_negative_prompt_nasa", "pisa_sr_upscale",
-            "mar_disa_imagenet", "dloral_video_upscale", "sd_turbo_fast_path", *DIT_WORKFLOWS} <= names
+            "mar_disa_imagenet", "dloral_video_upscale", "sd_turbo_fast_path", "sana_sprint", *DIT_WORKFLOWS} <= names
 
 
 @pytest.mark.parametrize("path", WORKFLOWS, ids=[w.stem for w in WORKFLOWS])
