@@ -28,17 +28,20 @@ DEFAULTS = {
 
 
 def nag_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, nag_scale: float, tau: float, alpha: float,
-                eps: float = 1e-6) -> torch.Tensor:
-    """Z_NAG from Z± of shape [B, L, H·D] (heads merged: the norm runs over the last dim)."""
+                eps: float = 1e-6, norm: int = 1) -> torch.Tensor:
+    """Z_NAG from Z± of shape [B, L, H·D] (heads merged: the norm runs over the last dim).
+
+    `norm`: the p of the per-token norm ratio R — 1 as the paper's eq. 8 (cross-attention UNets, PixArt/SANA); the
+    official joint-attention code (ChenDarYen/Normalized-Attention-Guidance src/attention_flux_nag.py) uses p = 2."""
     if nag_scale == 1.0:  # φ = 0: no guidance, and Z+ exactly (α·Z+ + (1−α)·Z+ could differ in the last bit)
         return z_pos
     z_tilde = z_pos * nag_scale - z_neg * (nag_scale - 1.0)
-    ratio = z_tilde.norm(p=1, dim=-1, keepdim=True) / z_pos.norm(p=1, dim=-1, keepdim=True).clamp_min(eps)
+    ratio = z_tilde.norm(p=norm, dim=-1, keepdim=True) / z_pos.norm(p=norm, dim=-1, keepdim=True).clamp_min(eps)
     z_hat = z_tilde * (ratio.clamp(max=tau) / ratio.clamp_min(eps))
     return alpha * z_hat + (1.0 - alpha) * z_pos
 
 
-def check_params(nag_scale: float, tau: float, alpha: float) -> None:
+def check_params(nag_scale: float, tau: float, alpha: float, norm: int = 1) -> None:
     for name, value in (("nag_scale", nag_scale), ("nag_tau", tau), ("nag_alpha", alpha)):
         finite.check_finite(name, value)
     if nag_scale < 1.0:
@@ -47,3 +50,6 @@ def check_params(nag_scale: float, tau: float, alpha: float) -> None:
         raise ValueError(f"`nag_tau` must be > 0, got {tau}.")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"`nag_alpha` must be in [0, 1], got {alpha}.")
+    if norm not in (1, 2):
+        raise ValueError(f"`nag_norm` must be 1 (the paper's L1) or 2 (the official joint-attention code's L2), "
+                         f"got {norm!r}.")

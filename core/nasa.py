@@ -40,18 +40,19 @@ class NegativeGuidance:
     nag_scale: float = 3.0
     nag_tau: float = 2.5
     nag_alpha: float = 0.5
+    nag_norm: int = 1  # 1: the paper's eq. 8; 2: the official joint-attention (FLUX) code
 
     @classmethod
     def checked(cls, mode="nasa", alpha=0.1, nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5,
-                mode_name: str = "`guidance`") -> "NegativeGuidance":
+                mode_name: str = "`guidance`", nag_norm: int = 1) -> "NegativeGuidance":
         if mode not in MODES:
             raise ValueError(f"{mode_name} must be one of {MODES}, got {mode!r}.")
         finite.check_finite("nasa_scale", alpha)
         if mode == "nag":
-            nag.check_params(nag_scale, nag_tau, nag_alpha)
-        return cls(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha))
+            nag.check_params(nag_scale, nag_tau, nag_alpha, nag_norm)
+        return cls(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha), int(nag_norm))
 
     def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
         if self.mode == "nag":
-            return nag.nag_combine(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha)
+            return nag.nag_combine(z_pos, z_neg, self.nag_scale, self.nag_tau, self.nag_alpha, norm=self.nag_norm)
         return nasa_combine(z_pos, z_neg, self.alpha)

@@ -18,7 +18,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .nasa_processor import NegativeContext
+from .negative_context import NegativeContext
 
 try:  # diffusers ≥ 0.35 keeps the projection helper and rotary embedding here
     from diffusers.models.embeddings import apply_rotary_emb

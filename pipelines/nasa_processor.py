@@ -14,49 +14,19 @@ q/k norm runs before the head split), so α = 0 reproduces the unpatched model b
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
 
 import torch
 
 from .. import attention_kernels
 from ..core import nasa
 from .attention_processor import SwiftStepAttnProcessor
+from .negative_context import NegativeContext
 
 SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
              "FluxTransformer2DModel (experimental)")
 JOINT_ATTENTION = ("SD3Transformer2DModel", "QwenImageTransformer2DModel",
                    "HunyuanVideoTransformer3DModel", "WanTransformer3DModel", "AuraFlowTransformer2DModel")
 MODES = nasa.MODES
-
-
-@dataclass
-class NegativeContext:
-    """What every installed processor reads: the negative text context, its mask and the guidance settings."""
-
-    guidance: nasa.NegativeGuidance = field(default_factory=nasa.NegativeGuidance)
-    encoder_hidden_states: torch.Tensor | None = None  # [1 or B, L−, C]
-    attention_mask: torch.Tensor | None = None  # [1 or B, L−], 1 = attend, 0 = ignore
-    _kv: dict = field(default_factory=dict, repr=False)  # id(attn) → (K−, V−): constant over the sampling steps
-
-    @property
-    def mode(self) -> str:
-        return self.guidance.mode
-
-    @property
-    def alpha(self) -> float:
-        return self.guidance.alpha
-
-    def set_negative(self, encoder_hidden_states: torch.Tensor | None, attention_mask: torch.Tensor | None = None):
-        if encoder_hidden_states is not None and encoder_hidden_states.ndim != 3:
-            raise ValueError(f"negative `encoder_hidden_states` must be [B, L, C], got {tuple(encoder_hidden_states.shape)}.")
-        if attention_mask is not None and (encoder_hidden_states is None or
-                                           attention_mask.shape[-1] != encoder_hidden_states.shape[1]):
-            raise ValueError("negative `attention_mask` must be [B, L−] with the negative prompt's length L−.")
-        self.encoder_hidden_states, self.attention_mask = encoder_hidden_states, attention_mask
-        self._kv.clear()
-
-    def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
-        return self.guidance.combine(z_pos, z_neg)
 
 
 def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:

@@ -93,3 +93,22 @@ def test_negative_prompt_changes_the_output_and_bad_lengths_fail(flux):
             run(flux, **x)
     finally:
         handle.remove()
+
+
+def test_joint_and_cross_attention_processors_do_not_import_each_other_at_module_level():
+    """The shared negative-context type lives in negative_context.py; a circle between the two processor modules
+    broke imports whenever one was loaded first (issue 17)."""
+    import ast
+    from pathlib import Path
+
+    import swiftstep.pipelines as pipelines
+
+    root = Path(pipelines.__file__).parent
+
+    def module_imports(name):
+        tree = ast.parse((root / f"{name}.py").read_text())
+        return {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
+
+    assert "nasa_processor" not in module_imports("nasa_joint")
+    assert "nasa_joint" not in module_imports("nasa_processor")
+    assert "negative_context" in module_imports("nasa_joint") & module_imports("nasa_processor")
