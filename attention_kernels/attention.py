@@ -1,6 +1,7 @@
-"""`attention` and `dual_attention`: the Triton kernels where they are supported and measured faster, SDPA elsewhere.
+"""`attention`, `dual_attention`, `prefix_dual_attention`: the Triton kernels where they are supported and measured
+(or, for `prefix_dual_attention`, counted) faster, SDPA elsewhere.
 
-Both take SDPA's layout and conventions: q [B, H, Lq, D], k/v [B, H, Lk, D], `mask` a key-padding mask (bool,
+All take SDPA's layout and conventions: q [B, H, Lq, D], k/v [B, H, Lk, D], `mask` a key-padding mask (bool,
 True = attend, or additive float) broadcastable to [B, H, 1, Lk], `scale` default 1/√D. The SDPA path is exact
 PyTorch; the Triton path agrees with it to float rounding (tests: fp32 ≤ 1e-4, fp16 ≤ 3e-3 relative).
 
@@ -8,7 +9,9 @@ Path choice, per call: `backend=` argument, else the `SWIFTSTEP_ATTENTION` envir
 `sdpa`), else `auto`. `auto` picks Triton only where an H100 measurement says it wins (shared/notes/
 triton_attention.md): the fused dual kernel for short negative/positive contexts (≤ 300 keys: 27 µs vs 40 µs for two
 cuDNN calls at SDXL's 4096×77, d64, fp16), in fp16/bf16 (float32 stays on exact SDPA). For single attention cuDNN SDPA is faster (0.8–0.93× for Triton), so
-`auto` keeps SDPA. Each distinct choice is logged once with its reason; `last_path()` returns the latest.
+`auto` keeps SDPA. `prefix_dual_attention` (the image queries of a joint-attention DiT against two text prefixes
+and one set of image keys) takes its kernel on CUDA fp16/bf16 by a multiply-add count alone — no GPU has timed it
+yet; the reason string says so. Each distinct choice is logged once with its reason; `last_path()` returns the latest.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import os
 
 import torch
 import torch.nn.functional as F
+
+from .attention_ref import check_prefix_dual_inputs, prefix_dual_attention_ref
 
 logger = logging.getLogger("swiftstep.attention_kernels")
 
@@ -65,11 +70,15 @@ def auto_choice(kind: str, dtype: torch.dtype, lk: int) -> tuple[str, str]:
         return "triton", f"fused dual kernel reads Q once (contexts ≤ {DUAL_MAX_KEYS} keys)"
     if kind == "dual":
         return "sdpa", f"contexts of {lk} keys: two cuDNN calls measured faster than the fused kernel"
+    if kind == "prefix_dual":
+        return "triton", ("shared-key dual kernel: q·K_imgᵀ and P·V_img once for both prompts (0.56× the multiply-adds "
+                          "of two SDPA calls at FLUX 1024², counted; not yet measured on a GPU)")
     return "sdpa", "cuDNN SDPA measured faster than the Triton kernel for single attention"
 
 
 def select_path(kind: str, q, tensors, masks, lk: int, backend: str | None = None) -> str:
-    """'triton' or 'sdpa' for a call of `kind` ('single' | 'dual'); logs each distinct choice once, with why."""
+    """'triton' or 'sdpa' for a call of `kind` ('single' | 'dual' | 'prefix_dual'); logs each distinct choice once,
+    with why."""
     backend = backend or os.environ.get(ENV, "auto")
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS} (argument or ${ENV}), got {backend!r}.")
@@ -160,3 +169,25 @@ def dual_attention(q, k_pos, v_pos, k_neg, v_neg, alpha: float | None = None, ma
     z_pos = F.scaled_dot_product_attention(q, k_pos, v_pos, attn_mask=_sdpa_mask(mask_pos), scale=scale)
     z_neg = F.scaled_dot_product_attention(q, k_neg, v_neg, attn_mask=_sdpa_mask(mask_neg), scale=scale)
     return (z_pos, z_neg) if alpha is None else torch.sub(z_pos, z_neg, alpha=alpha)
+
+
+def prefix_dual_attention(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos=None, mask_neg=None, scale=None,
+                          alpha: float | None = None, backend: str | None = None):
+    """A joint-attention block's image queries under two prompts that share the image keys:
+    Z± = softmax(q·[K_txt±; K_img]ᵀ·scale + [mask±; 0])·[V_txt±; V_img]. Returns `(Z+, Z−)` (NAG: its norm spans
+    all heads, so the caller combines), or `Z+ − α·Z−` when `alpha` is given (NASA, SNOOPI eq. 9).
+
+    q [B, H, Lq, D] (the image tokens' queries), k_img/v_img [B, H, Limg, D], k_pos/v_pos [B, H, Lt+, D],
+    k_neg/v_neg [B, H, Lt−, D]: the two prefixes may differ in length. `mask_pos`/`mask_neg`: text key padding (bool
+    True = attend, or additive float), [B, Lt±], [B, H, Lt±] or [B, H, 1, Lt±] ([B, H, Lq, Lt±] runs on SDPA); the
+    image keys are never masked, so a fully masked prefix is well defined (attention over the image alone). The
+    Triton kernel scores the image keys once for both prompts (`flash_attn_triton.prefix_dual_flash_attention`);
+    the SDPA path concatenates keys and calls SDPA twice (`attention_ref.prefix_dual_attention_ref`, exact). Outputs
+    in q's dtype."""
+    check_prefix_dual_inputs(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos, mask_neg)
+    lk = k_img.shape[2] + max(k_pos.shape[2], k_neg.shape[2])
+    if select_path("prefix_dual", q, (k_img, v_img, k_pos, v_pos, k_neg, v_neg), (mask_pos, mask_neg), lk,
+                   backend) == "triton":
+        return _triton_module()[0].prefix_dual_flash_attention(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos,
+                                                               mask_neg, scale, alpha)
+    return prefix_dual_attention_ref(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos, mask_neg, scale, alpha)

@@ -1,4 +1,5 @@
-"""Triton flash-attention forward kernels for diffusion models: plain attention and fused dual (NASA) attention.
+"""Triton flash-attention forward kernels for diffusion models: plain attention, fused dual (NASA) attention, and
+the shared-key dual attention of joint-attention DiTs (two text prefixes, one set of image keys).
 
 Algorithm: FlashAttention-2's forward (Dao 2023, Alg. 1) — one program per (query tile, batch·head), streaming
 K/V tiles with an online softmax in base 2: the score scale carries log2(e) so `exp2` replaces `exp`, the running
@@ -10,7 +11,8 @@ norm spans all heads and is applied by the caller).
 
 Layout: [B, H, L, D] with arbitrary strides; any Lq/Lk (ragged tails masked); head dims up to 256 (padded to a
 power of two in registers, masked in memory). Masks: key-padding, broadcastable to [B, H, 1, Lk], as an additive
-float bias in natural-log units (0 keep, −inf drop). Host wrappers: `flash_attention`, `dual_flash_attention`.
+float bias in natural-log units (0 keep, −inf drop). Host wrappers: `flash_attention`, `dual_flash_attention`,
+`prefix_dual_flash_attention`, `flash_attention_fp8`.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ import math
 import torch
 import triton
 import triton.language as tl
+
+from .attention_ref import check_prefix_dual_inputs
 
 LOG2E = 1.4426950408889634  # 1/ln 2: the kernels use exp2
 
@@ -368,3 +372,141 @@ def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: di
     kernel, grid, args, meta, out = fp8_launch(q, k, v, scale, qk_format, config)
     kernel[grid](*args, **meta)
     return out
+
+
+# ---------------------------------------------------------------- shared-key dual attention (joint-attention DiTs)
+# The image queries of a joint-attention block (FLUX, SD3, Qwen-Image, Z-Image) attend to [text; image] keys; with a
+# negative prompt as a second text stream the two attentions share every image key and value and differ only in the
+# text prefix. Attention over a union of key sets is the merge of per-set states (m = row max, l = row sum,
+# acc = unnormalised output), as split-KV decoding merges partial results (FlashDecoding, Dao et al. 2023;
+# FlashInfer's cascade attention, Ye et al. 2024, for a shared *prefix*; here the shared part is the image suffix):
+#   Z± = (acc_img·2^(m_img − m) + acc_txt±·2^(m_txt± − m)) / (l_img·2^(m_img − m) + l_txt±·2^(m_txt± − m)),
+#   m = max(m_img, m_txt±).
+# So q·K_imgᵀ, its exponentials and P·V_img are computed once for both prompts, not twice as by two SDPA calls.
+
+
+@triton.jit
+def _kv_state(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale, offs_d,
+              HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
+    """`_attend`'s loop, returning the unnormalised state (acc [BM, D], m [BM], l [BM], log2 units) for `_merge`.
+    A row whose keys so far are all masked (a fully padded text prefix, or a left-padded first tile) keeps
+    m = −inf, l = 0, acc = 0 instead of NaN: the exponent is taken against 0 there (2^(−inf − 0) = 0)."""
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    d_ok = offs_d < HEAD_DIM
+    for start_n in range(0, LK, BLOCK_N):
+        cols = start_n + offs_n
+        n_ok = cols < LK
+        k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
+                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [D, BN]
+        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
+        if HAS_MASK:
+            bias = tl.load(bias_ptr + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
+            qk = qk + bias[None, :] * 1.4426950408889634
+        qk = tl.where(n_ok[None, :], qk, float("-inf"))
+        m_ij = tl.maximum(m_i, tl.max(qk, 1))
+        m_ref = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+        p = tl.math.exp2(qk - m_ref[:, None])  # [BM, BN]
+        alpha = tl.math.exp2(m_i - m_ref)
+        acc = acc * alpha[:, None]
+        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        m_i = m_ij
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _merge(acc_a, m_a, l_a, acc_b, m_b, l_b):
+    """Normalised attention output [BM, D] over the union of two disjoint key sets from their states. m_a is finite
+    (the image keys are never masked), so a fully masked set b (m_b = −inf) gets weight 2^(−inf) = 0."""
+    m = tl.maximum(m_a, m_b)
+    c_a = tl.math.exp2(m_a - m)
+    c_b = tl.math.exp2(m_b - m)
+    return (acc_a * c_a[:, None] + acc_b * c_b[:, None]) / (l_a * c_a + l_b * c_b)[:, None]
+
+
+@triton.jit
+def _prefix_dual_fwd_kernel(Q, KI, VI, KP, VP, KN, VN, Out, OutNeg, BiasP, BiasN,
+                            stride_qb, stride_qh, stride_qm, stride_qd,
+                            stride_kib, stride_kih, stride_kin, stride_kid,
+                            stride_vib, stride_vih, stride_vin, stride_vid,
+                            stride_kpb, stride_kph, stride_kpn, stride_kpd,
+                            stride_vpb, stride_vph, stride_vpn, stride_vpd,
+                            stride_knb, stride_knh, stride_knn, stride_knd,
+                            stride_vnb, stride_vnh, stride_vnn, stride_vnd,
+                            stride_ob, stride_oh, stride_om, stride_od,
+                            stride_bpb, stride_bph, stride_bpn, stride_bnb, stride_bnh, stride_bnn,
+                            H, LQ, LKI, LKP, LKN, sm_scale, alpha,
+                            HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+                            BLOCK_N: tl.constexpr, HAS_MASK_P: tl.constexpr, HAS_MASK_N: tl.constexpr,
+                            FUSE_NASA: tl.constexpr, PRECISION: tl.constexpr):
+    b, h, q, offs_m, offs_d, m_ok, d_ok = _q_tile(Q, stride_qb, stride_qh, stride_qm, stride_qd, H, LQ, HEAD_DIM,
+                                                  BLOCK_D, BLOCK_M)  # [BM, D], read once for both prompts
+    qk_scale = sm_scale * 1.4426950408889634
+    # the shared part: one pass over the image keys (no mask; BiasP is a dummy pointer, never read)
+    acc_i, m_i, l_i = _kv_state(q, KI + b * stride_kib + h * stride_kih, VI + b * stride_vib + h * stride_vih,
+                                BiasP, stride_kin, stride_kid, stride_vin, stride_vid, 0, LKI, qk_scale, offs_d,
+                                HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, False, PRECISION)
+    acc_t, m_t, l_t = _kv_state(q, KP + b * stride_kpb + h * stride_kph, VP + b * stride_vpb + h * stride_vph,
+                                BiasP + b * stride_bpb + h * stride_bph, stride_kpn, stride_kpd, stride_vpn,
+                                stride_vpd, stride_bpn, LKP, qk_scale, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N,
+                                HAS_MASK_P, PRECISION)
+    z_pos = _merge(acc_i, m_i, l_i, acc_t, m_t, l_t)  # [BM, D]
+    io_mask = m_ok[:, None] & d_ok[None, :]
+    o_off = b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+    if not FUSE_NASA:  # store now: z_pos need not stay live through the negative pass
+        tl.store(Out + o_off, z_pos.to(Out.dtype.element_ty), mask=io_mask)
+    acc_t, m_t, l_t = _kv_state(q, KN + b * stride_knb + h * stride_knh, VN + b * stride_vnb + h * stride_vnh,
+                                BiasN + b * stride_bnb + h * stride_bnh, stride_knn, stride_knd, stride_vnn,
+                                stride_vnd, stride_bnn, LKN, qk_scale, offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N,
+                                HAS_MASK_N, PRECISION)
+    z_neg = _merge(acc_i, m_i, l_i, acc_t, m_t, l_t)
+    if FUSE_NASA:  # SNOOPI eq. 9, before W_o
+        tl.store(Out + o_off, (z_pos - alpha * z_neg).to(Out.dtype.element_ty), mask=io_mask)
+    else:
+        tl.store(OutNeg + o_off, z_neg.to(OutNeg.dtype.element_ty), mask=io_mask)
+
+
+def prefix_dual_config(head_dim: int, limg: int, dtype: torch.dtype = torch.float16) -> dict:
+    """Block sizes for the shared-key dual kernel: `default_config` for the image keys (the long pass; text
+    prefixes take the same BLOCK_N). Not tuned: no GPU has timed this kernel yet."""
+    return default_config(head_dim, limg, dtype)
+
+
+def prefix_dual_launch(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos=None, mask_neg=None, scale=None,
+                       alpha: float | None = None, config: dict | None = None):
+    """(kernel, grid, args, constexprs, (out, out_neg)) of one `prefix_dual_flash_attention` call."""
+    check_prefix_dual_inputs(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos, mask_neg)
+    _check(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg)
+    B, H, LQ, D = q.shape
+    cfg = dict(config or prefix_dual_config(D, k_img.shape[2], q.dtype))
+    out = torch.empty_like(q)
+    out_neg = out if alpha is not None else torch.empty_like(q)  # same strides as out: the kernel takes one set
+    bias_p, bsp, has_p = _bias(mask_pos, q, k_pos.shape[2])
+    bias_n, bsn, has_n = _bias(mask_neg, q, k_neg.shape[2])
+    grid = (triton.cdiv(LQ, cfg["BLOCK_M"]), B * H)
+    args = (q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, out, out_neg, bias_p, bias_n,
+            *q.stride(), *k_img.stride(), *v_img.stride(), *k_pos.stride(), *v_pos.stride(), *k_neg.stride(),
+            *v_neg.stride(), *out.stride(), *bsp, *bsn, H, LQ, k_img.shape[2], k_pos.shape[2], k_neg.shape[2],
+            float(scale if scale is not None else 1.0 / math.sqrt(D)), float(alpha if alpha is not None else 0.0))
+    meta = dict(HEAD_DIM=D, BLOCK_D=_block_d(D), HAS_MASK_P=has_p, HAS_MASK_N=has_n, FUSE_NASA=alpha is not None,
+                PRECISION=_precision(q), **cfg)
+    return _prefix_dual_fwd_kernel, grid, args, meta, (out, out_neg)
+
+
+def prefix_dual_flash_attention(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos=None, mask_neg=None,
+                                scale=None, alpha: float | None = None, config: dict | None = None):
+    """Z± = softmax(q·[K_txt±; K_img]ᵀ·scale + [mask±; 0])·[V_txt±; V_img] with the image keys' scores and P·V
+    computed once for both prompts: `(Z+, Z−)`, or `Z+ − α·Z−` when `alpha` is given. q [B, H, Lq, D], k_img/v_img
+    [B, H, Limg, D], k_pos/v_pos [B, H, Lt+, D], k_neg/v_neg [B, H, Lt−, D] (any lengths, one dtype); masks are
+    key-padding masks of the text prefixes (bool True = attend, or additive float), broadcastable to [B, H, 1, Lt±];
+    a fully masked prefix leaves attention over the image keys. Outputs in q's dtype."""
+    kernel, grid, args, meta, (out, out_neg) = prefix_dual_launch(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg,
+                                                                  mask_pos, mask_neg, scale, alpha, config)
+    kernel[grid](*args, **meta)
+    return out if alpha is not None else (out, out_neg)
