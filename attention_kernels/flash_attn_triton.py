@@ -34,7 +34,10 @@ def _softmax_step(qk, n_ok, m_i):
     maxima, the tile's unnormalised probabilities and the factor that rescales what was accumulated before."""
     qk = tl.where(n_ok[None, :], qk, float("-inf"))
     m_ij = tl.maximum(m_i, tl.max(qk, 1))
-    return tl.math.exp2(qk - m_ij[:, None]), tl.math.exp2(m_i - m_ij), m_ij
+    # a row whose keys so far are all masked (left-padded text) has m = −inf: exponents against 0 there, not
+    # −inf − (−inf) = NaN, so it contributes nothing until its first unmasked key
+    m_ref = tl.where(m_ij == float("-inf"), 0.0, m_ij)
+    return tl.math.exp2(qk - m_ref[:, None]), tl.math.exp2(m_i - m_ref), m_ij
 
 
 @triton.jit

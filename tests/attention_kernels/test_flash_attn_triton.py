@@ -75,6 +75,18 @@ def test_masks_scale_and_strided_views(dtype):
     assert rel(out2, attention_ref(x, ctx, ctx, mask)) <= TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_left_padded_keys_with_whole_masked_tiles(dtype):
+    """Left-padded text: the first key tiles are entirely masked (a row max of −inf there must not give NaN)."""
+    q, k, v = rand(1, 2, 33, 64, dtype=dtype, seed=6), rand(1, 2, 77, 64, dtype=dtype, seed=7), \
+        rand(1, 2, 77, 64, dtype=dtype, seed=8)
+    mask = torch.arange(77, device=DEVICE)[None, :] >= 40  # keys 0…39 padding: tiles of 16/32 wholly masked
+    out = fk.flash_attention(q, k, v, mask=mask, config=CONFIGS[0])
+    assert not out.isnan().any() and rel(out, attention_ref(q, k, v, mask)) <= TOL[dtype]
+    out = fk.dual_flash_attention(q, k, v, k, v, None, mask, mask, config=CONFIGS[0])
+    assert not out[0].isnan().any() and rel(out[0], attention_ref(q, k, v, mask)) <= TOL[dtype]
+
+
 # the interpreter is slow: there the small config and the one the wrapper picks for the dtype; every config on a GPU
 DUAL_CONFIGS = dict(zip(CONFIG_IDS, CONFIGS)) if torch.cuda.is_available() else {"small": CONFIGS[0], "default": None}
 
