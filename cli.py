@@ -90,7 +90,7 @@ def generate_dit(args) -> list[Path]:
     for flag, value in (("--image", args.image), ("--gamma", args.gamma), ("--config", args.config)):
         if value is not None:
             raise ValueError(f"{flag} applies to SD/SDXL UNet models only; {args.model} is a DiT folder.")
-    pipe = load_one_step(args.model, args.preset, torch_dtype=getattr(torch, args.dtype)).to(args.device)
+    pipe = load_one_step(args.model, args.preset, dtype=getattr(torch, args.dtype)).to(args.device)
     timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
     height, width = pipe.default_size(args.height, args.width)
     schedule = pipe.resolve(None, args.steps, timesteps, None, height, width)

@@ -53,7 +53,7 @@ def load_one_step(path_or_id, preset: str | None = None, lora: str | Path | None
             an error naming the presets that fit.
         lora: a LoRA file the preset needs (Qwen-Image-Lightning) or any LoRA, loaded with the stock loader.
         lora_scale: its strength (a peft adapter named "swiftstep").
-        **from_pretrained_kwargs: passed to `from_pretrained` (`torch_dtype`, `local_files_only`, …).
+        **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `local_files_only`, …).
 
     Returns:
         `OneStepPipeline` for SD1.x/SD2.x/SDXL UNets; `DistilledDiTPipeline` (same call signature) for the DiTs.

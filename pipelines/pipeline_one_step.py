@@ -229,9 +229,11 @@ class OneStepPipeline(DiffusionPipeline, StableDiffusionXLLoraLoaderMixin, FromS
     # ------------------------------------------------------------------ helpers
     def _check_preset(self, preset: Preset) -> None:
         if self.family not in preset.families:
+            dit = set(preset.families) <= set(DIT_FAMILY_NAMES)
             wanted = " or ".join({**FAMILY_NAMES, **DIT_FAMILY_NAMES}[f] for f in preset.families)
-            raise ValueError(f"Preset {preset.name!r} is for {wanted} models (`swiftstep.pipelines.load_one_step` "
-                             f"loads any), but this pipeline's UNet is {FAMILY_NAMES[self.family]}-shaped.")
+            kind = " models (`swiftstep.pipelines.load_one_step` loads them)" if dit else " UNets"
+            raise ValueError(f"Preset {preset.name!r} is for {wanted}{kind}, but this pipeline's UNet is "
+                             f"{FAMILY_NAMES[self.family]}-shaped.")
 
     def resolve_preset(self, preset: str | None) -> Preset | None:
         """The preset to use: the argument, else the one stored in the folder, else one implied by the scheduler."""
