@@ -8,10 +8,17 @@ users get wrong is the σ grid: `core.presets.FlowPreset.sigmas` computes it onc
 stock pipeline through a flow-matching Euler scheduler with no shift of its own, so the grid the network sees is
 exactly the preset's, whatever shift the folder's scheduler config carries. SANA-Sprint's TrigFlow angles go to its
 stock SCM scheduler as the preset's `max_timesteps` / `intermediate_timesteps`.
+
+A negative prompt (FLUX.1 only so far) acts inside attention, NASA or NAG on the joint attention with one image stream
+and two text streams (`nasa_joint.apply_joint_guidance`), installed for the call and removed after it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import inspect
+
+from ..core import nasa
 from ..core.finite import check_finite_tensor
 from ..core.flow_match import flow_sigmas
 from ..core.presets import DIT_FAMILY_NAMES, FLOW_PRESETS, FlowPreset, get_preset
@@ -21,6 +28,14 @@ PIPELINE_FAMILIES = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2", "Sta
                      "ZImagePipeline": "zimage", "QwenImagePipeline": "qwenimage", "SanaSprintPipeline": "sana-sprint"}
 # latent pixels per packed image token: VAE factor × the 2×2 patch every flow family here packs
 _PATCH = 2
+# families whose negative prompt runs as NASA/NAG on joint attention (nasa_joint.py)
+NEGATIVE_PROMPT_FAMILIES = ("flux",)
+# NAG on FLUX: the official example (ChenDarYen/Normalized-Attention-Guidance README, FLUX.1-schnell: nag_scale=5;
+# NAGFluxPipeline defaults nag_tau=2.5, nag_alpha=0.25), with its FLUX processor's L2 per-token norm
+FLUX_NAG = dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2)
+# NASA on FLUX: SNOOPI publishes no FLUX α (its Table 2 runs NASA-I on FLUX-schnell but states none); SD2.1's 0.2 until
+# one is measured. The NAG paper reports NASA unstable on FLUX: start low.
+FLUX_NASA_ALPHA = 0.2
 
 
 def presets_for(family: str) -> list[str]:
@@ -162,17 +177,51 @@ class DistilledDiTPipeline:
         return kw
 
     # ------------------------------------------------------------------ call
+    def negative_guidance(self, guidance: str = "nag", nasa_scale: float | None = None, nag_scale: float | None = None,
+                          nag_tau: float | None = None, nag_alpha: float | None = None) -> nasa.NegativeGuidance:
+        """The NASA/NAG settings of a call with a negative prompt (FLUX.1 defaults where not given), validated."""
+        if self.family not in NEGATIVE_PROMPT_FAMILIES:
+            supported = ", ".join(DIT_FAMILY_NAMES[f] for f in NEGATIVE_PROMPT_FAMILIES)
+            raise ValueError(f"`negative_prompt` is not supported yet for {DIT_FAMILY_NAMES[self.family]} presets "
+                             f"(supported: {supported}, with guidance='nasa'|'nag'): these models run without CFG, so "
+                             f"the stock negative prompt has no effect.")
+        return nasa.NegativeGuidance.checked(
+            guidance, FLUX_NASA_ALPHA if nasa_scale is None else nasa_scale,
+            FLUX_NAG["nag_scale"] if nag_scale is None else nag_scale,
+            FLUX_NAG["nag_tau"] if nag_tau is None else nag_tau,
+            FLUX_NAG["nag_alpha"] if nag_alpha is None else nag_alpha, nag_norm=FLUX_NAG["nag_norm"])
+
+    def encode_negative(self, negative_prompt, prompt, call: dict, num_images_per_prompt: int):
+        """(prompt_embeds, pooled_embeds) of the negative prompt, by the stock `encode_prompt` with the call's
+        `max_sequence_length` (FLUX shares its text ids: both prompts need the same length)."""
+        negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
+        if prompt is not None:
+            n_prompts = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            n_prompts = call["prompt_embeds"].shape[0] if call.get("prompt_embeds") is not None else 1
+        if len(negatives) not in (1, n_prompts):
+            raise ValueError(f"`negative_prompt` has {len(negatives)} entries; expected 1 or one per prompt "
+                             f"({n_prompts}).")
+        length = call.get("max_sequence_length",
+                          inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
+        embeds, pooled, _ = self.pipe.encode_prompt(
+            prompt=negatives, prompt_2=None, device=self.pipe._execution_device,
+            num_images_per_prompt=num_images_per_prompt if len(negatives) > 1 else 1, max_sequence_length=length,
+            lora_scale=(call.get("joint_attention_kwargs") or {}).get("scale"))
+        return embeds, pooled
+
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int | None = None, timesteps=None,
                  sigmas=None, height: int | None = None, width: int | None = None, generator=None, latents=None,
                  output_type: str = "pil", return_dict: bool = True, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=("latents",), num_images_per_prompt: int = 1, preset=None,
-                 **kwargs):
+                 guidance: str = "nag", nasa_scale: float | None = None, nag_scale: float | None = None,
+                 nag_tau: float | None = None, nag_alpha: float | None = None, **kwargs):
         r"""Generate images with the preset's recipe.
 
         Args:
             prompt: text prompt(s).
-            negative_prompt: not yet available for DiT presets (they run without CFG, so the stock negative prompt
-                would do nothing); raises.
+            negative_prompt: FLUX.1 only (other families raise): what to steer away from, inside the joint
+                attention (`guidance`), with no second model pass; one string or one per prompt.
             num_inference_steps: network evaluations; a count the preset supports (default: the preset's).
             timesteps: explicit timesteps in training units (flow: t = 1000·σ; SANA-Sprint: TrigFlow angles,
                 steps + 1 values ending in 0), instead of the preset's.
@@ -182,12 +231,16 @@ class DistilledDiTPipeline:
             output_type, return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs,
             num_images_per_prompt: as in the stock pipeline.
             preset: a `FlowPreset` name for this call (default: the pipeline's).
+            guidance: with `negative_prompt`: "nag" (default: the official NAG code's FLUX algorithm, the only one with
+                published FLUX settings) or "nasa" (SNOOPI eq. 9, Z+ − α·Z−).
+            nasa_scale: NASA α (default 0.2: SNOOPI publishes no FLUX value).
+            nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α (default 5, 2.5, 0.25: the official FLUX example).
             **kwargs: passed to the stock pipeline (e.g. `prompt_embeds`, `max_sequence_length`).
         """
         # 1. Check inputs
+        negative = None
         if negative_prompt is not None:
-            raise ValueError(f"`negative_prompt` is not supported yet for {DIT_FAMILY_NAMES[self.family]} presets: "
-                             f"these models run without CFG, so the stock negative prompt has no effect.")
+            negative = self.negative_guidance(guidance, nasa_scale, nag_scale, nag_tau, nag_alpha)
         if latents is not None:
             check_finite_tensor("latents", latents, "finite unit Gaussian noise")
         p = self.fitting_preset(preset)
@@ -198,15 +251,21 @@ class DistilledDiTPipeline:
             raise ValueError(f"`intermediate_timesteps` ({kwargs['intermediate_timesteps']}) exists only for 2-step "
                              f"sampling (SCM); got {schedule['num_inference_steps']} steps: leave it unset.")
         call = {**self.recipe_kwargs(p), **schedule, **kwargs}
-        # 3. The stock pipeline, with the grid scheduler for flow families
+        # 3. The stock pipeline, with the grid scheduler for flow families (and NASA/NAG for a negative prompt)
         original = self.pipe.scheduler
         if self.family != "sana-sprint":
             self.pipe.scheduler = self._grid_scheduler
-        try:
+        with contextlib.ExitStack() as cleanup:
+            cleanup.callback(setattr, self.pipe, "scheduler", original)
+            if negative is not None:
+                from .nasa_joint import apply_joint_guidance
+
+                embeds, pooled = self.encode_negative(negative_prompt, prompt, call, num_images_per_prompt)
+                handle = apply_joint_guidance(self.pipe.transformer, negative)
+                cleanup.callback(handle.remove)  # removed however the call ends
+                handle.set_negative(embeds, pooled)
             return self.pipe(prompt=prompt, height=height, width=width, generator=generator, latents=latents,
                              output_type=output_type, return_dict=return_dict,
                              callback_on_step_end=callback_on_step_end,
                              callback_on_step_end_tensor_inputs=list(callback_on_step_end_tensor_inputs),
                              num_images_per_prompt=num_images_per_prompt, **call)
-        finally:
-            self.pipe.scheduler = original

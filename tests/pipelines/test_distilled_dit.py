@@ -165,8 +165,9 @@ def test_wrong_combinations_name_what_fits(folders, models):
         run(sprint, "latent", 4, intermediate_timesteps=1.3)
     with pytest.raises(ValueError, match=r"'zimage-turbo' supports num_inference_steps in \[8\], got 9"):
         run(load_one_step(folders["zimage"], preset="zimage-turbo"), "latent", 9)
-    with pytest.raises(ValueError, match="`negative_prompt` is not supported yet for FLUX.1"):
-        run(load_one_step(folders["flux"]), "latent", None, negative_prompt="blurry")
+    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for SD3/SD3.5 presets \(supported: "
+                                         r"FLUX.1, with guidance='nasa'\|'nag'\)"):  # FLUX.1: test_joint_guidance_flux
+        run(load_one_step(folders["sd3"], preset="sd35-large-turbo"), "latent", None, negative_prompt="blurry")
 
 
 def test_unet_folders_still_load_as_one_step_pipelines(models):
