@@ -55,6 +55,7 @@ stage "attention kernels, bf16" 35 python3 bench/attention.py --device cuda --dt
 stage "one-step latency" 60 python3 bench/onestep.py --size full --device cuda --dtype float16 --repeats 5
 stage "fast path" 60 python3 bench/fast_path.py --size full --device cuda --dtype float16 --families sd2 --repeats 5
 stage "NASA/NAG overhead" 40 python3 bench/nasa.py --size full --device cuda --dtype float16 --repeats 5
+stage "shared-key dual attention (FLUX shapes)" 40 python3 bench/prefix_dual_attention.py --device cuda --dtype bfloat16
 stage "one-step SR" 45 python3 bench/sr.py --size full --device cuda --dtype float16 --repeats 3
 stage "video SR" 50 python3 bench/video_sr.py --size full --device cuda --dtype float16 --frames 9 --side 256 --repeats 1
 stage "MAR + DiSA" 45 python3 bench/mar.py --size full --device cuda --batch 16 --repeats 2
