@@ -34,7 +34,6 @@ from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, In
 
 from .core import nag, nasa
 from .pipelines import nasa_joint, nasa_processor
-from .pipelines.pipeline_distilled_dit import FLUX_NAG, FLUX_NASA_ALPHA
 from .pipelines.pipeline_one_step import unet_family
 
 if TYPE_CHECKING:
@@ -131,11 +130,8 @@ class _AttentionNegativeGuidance(BaseGuidance):
 
     def _flux_guidance(self) -> nasa.NegativeGuidance:
         """FLUX.1 defaults: the official NAG example with its L2 per-token norm; NASA α 0.2 (no published value)."""
-        return nasa.NegativeGuidance.checked(
-            self._mode, FLUX_NASA_ALPHA if self.nasa_scale is None else self.nasa_scale,
-            FLUX_NAG["nag_scale"] if self.nag_scale is None else self.nag_scale,
-            FLUX_NAG["nag_tau"] if self.nag_tau is None else self.nag_tau,
-            FLUX_NAG["nag_alpha"] if self.nag_alpha is None else self.nag_alpha, nag_norm=FLUX_NAG["nag_norm"])
+        return nasa.NegativeGuidance.for_family("flux", self._mode, self.nasa_scale, self.nag_scale, self.nag_tau,
+                                                self.nag_alpha)
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
         self._count_prepared += 1

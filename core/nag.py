@@ -24,6 +24,13 @@ DEFAULTS = {
     "sdxl": dict(nag_scale=3.0, nag_tau=2.5, nag_alpha=0.5),
     "pixart": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.375),
     "sana": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.375),
+    # Joint-attention DiTs, from the official code (ChenDarYen/Normalized-Attention-Guidance): FLUX.1's example
+    # (nag_scale 5, NAGFluxPipeline's τ 2.5 / α 0.25, L2 ratio in its FLUX processor); SD3.5's processor (τ 2.5,
+    # α 0.125, L1 ratio; its nag_scale defaults to 1 = off, so FLUX's 5 until one is measured). Z-Image has no
+    # published setting: FLUX's, the closest joint-attention model with one.
+    "flux": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),
+    "sd3": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.125, nag_norm=1),
+    "zimage": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),
 }
 
 

@@ -22,7 +22,10 @@ MODES = ("nasa", "nag")
 
 # SNOOPI v3 NASA-I defaults per backbone family. SDXL has no published value (the paper sweeps SDXL-DMD2 over
 # 0…1 qualitatively); it uses SD2.1's 0.2 until one is published.
-DEFAULT_ALPHA = {"sd1": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5, "sana": 0.5}
+DEFAULT_ALPHA = {"sd1": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5, "sana": 0.5,
+                 # SNOOPI publishes no α for the joint-attention DiTs (its Table 2 runs NASA on FLUX-schnell without
+                 # stating one; the NAG paper reports NASA unstable there): SD2.1's 0.2, start low
+                 "flux": 0.2, "sd3": 0.2, "zimage": 0.2}
 
 
 def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:
@@ -51,6 +54,16 @@ class NegativeGuidance:
         if mode == "nag":
             nag.check_params(nag_scale, nag_tau, nag_alpha, nag_norm)
         return cls(mode, float(alpha), float(nag_scale), float(nag_tau), float(nag_alpha), int(nag_norm))
+
+    @classmethod
+    def for_family(cls, family: str, mode="nasa", alpha=None, nag_scale=None, nag_tau=None, nag_alpha=None,
+                   mode_name: str = "`guidance`") -> "NegativeGuidance":
+        """`checked(...)` with the family's published defaults (DEFAULT_ALPHA, nag.DEFAULTS) where a value is None."""
+        d = nag.DEFAULTS[family]
+        pick = (lambda given, key: d[key] if given is None else given)  # noqa: E731
+        return cls.checked(mode, DEFAULT_ALPHA[family] if alpha is None else alpha, pick(nag_scale, "nag_scale"),
+                           pick(nag_tau, "nag_tau"), pick(nag_alpha, "nag_alpha"), mode_name=mode_name,
+                           nag_norm=d.get("nag_norm", 1))
 
     def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
         if self.mode == "nag":

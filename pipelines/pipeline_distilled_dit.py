@@ -9,16 +9,17 @@ stock pipeline through a flow-matching Euler scheduler with no shift of its own,
 exactly the preset's, whatever shift the folder's scheduler config carries. SANA-Sprint's TrigFlow angles go to its
 stock SCM scheduler as the preset's `max_timesteps` / `intermediate_timesteps`.
 
-A negative prompt (FLUX.1 only so far) acts inside attention, NASA or NAG on the joint attention with one image stream
+A negative prompt (FLUX.1, SD3.5 and Z-Image so far) acts inside attention, NASA or NAG on the joint attention with one image stream
 and two text streams (`nasa_joint.apply_joint_guidance`), installed for the call and removed after it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import inspect
 
-from ..core import nasa
+from ..core import nag, nasa
 from ..core.finite import check_finite_tensor
 from ..core.flow_match import flow_sigmas
 from ..core.presets import DIT_FAMILY_NAMES, FLOW_PRESETS, FlowPreset, get_preset
@@ -28,14 +29,12 @@ PIPELINE_FAMILIES = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2", "Sta
                      "ZImagePipeline": "zimage", "QwenImagePipeline": "qwenimage", "SanaSprintPipeline": "sana-sprint"}
 # latent pixels per packed image token: VAE factor × the 2×2 patch every flow family here packs
 _PATCH = 2
-# families whose negative prompt runs as NASA/NAG on joint attention (nasa_joint.py)
-NEGATIVE_PROMPT_FAMILIES = ("flux",)
-# NAG on FLUX: the official example (ChenDarYen/Normalized-Attention-Guidance README, FLUX.1-schnell: nag_scale=5;
-# NAGFluxPipeline defaults nag_tau=2.5, nag_alpha=0.25), with its FLUX processor's L2 per-token norm
-FLUX_NAG = dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2)
-# NASA on FLUX: SNOOPI publishes no FLUX α (its Table 2 runs NASA-I on FLUX-schnell but states none); SD2.1's 0.2 until
-# one is measured. The NAG paper reports NASA unstable on FLUX: start low.
-FLUX_NASA_ALPHA = 0.2
+# family → (module, installer) of its NASA/NAG on joint attention; defaults per family in core.nag / core.nasa
+NEGATIVE_PROMPT_ROUTES = {"flux": ("nasa_joint", "apply_joint_guidance"), "sd3": ("nasa_joint_sd3", "apply_sd3_guidance"),
+                          "zimage": ("nasa_joint_zimage", "apply_zimage_guidance")}
+NEGATIVE_PROMPT_FAMILIES = tuple(NEGATIVE_PROMPT_ROUTES)
+FLUX_NAG = nag.DEFAULTS["flux"]  # kept for older imports
+FLUX_NASA_ALPHA = nasa.DEFAULT_ALPHA["flux"]
 
 
 def presets_for(family: str) -> list[str]:
@@ -179,17 +178,13 @@ class DistilledDiTPipeline:
     # ------------------------------------------------------------------ call
     def negative_guidance(self, guidance: str = "nag", nasa_scale: float | None = None, nag_scale: float | None = None,
                           nag_tau: float | None = None, nag_alpha: float | None = None) -> nasa.NegativeGuidance:
-        """The NASA/NAG settings of a call with a negative prompt (FLUX.1 defaults where not given), validated."""
+        """The NASA/NAG settings of a call with a negative prompt (the family's defaults where not given), validated."""
         if self.family not in NEGATIVE_PROMPT_FAMILIES:
             supported = ", ".join(DIT_FAMILY_NAMES[f] for f in NEGATIVE_PROMPT_FAMILIES)
             raise ValueError(f"`negative_prompt` is not supported yet for {DIT_FAMILY_NAMES[self.family]} presets "
                              f"(supported: {supported}, with guidance='nasa'|'nag'): these models run without CFG, so "
                              f"the stock negative prompt has no effect.")
-        return nasa.NegativeGuidance.checked(
-            guidance, FLUX_NASA_ALPHA if nasa_scale is None else nasa_scale,
-            FLUX_NAG["nag_scale"] if nag_scale is None else nag_scale,
-            FLUX_NAG["nag_tau"] if nag_tau is None else nag_tau,
-            FLUX_NAG["nag_alpha"] if nag_alpha is None else nag_alpha, nag_norm=FLUX_NAG["nag_norm"])
+        return nasa.NegativeGuidance.for_family(self.family, guidance, nasa_scale, nag_scale, nag_tau, nag_alpha)
 
     def encode_negative(self, negative_prompt, prompt, call: dict, num_images_per_prompt: int):
         """(prompt_embeds, pooled_embeds) of the negative prompt, by the stock `encode_prompt` with the call's
@@ -204,10 +199,21 @@ class DistilledDiTPipeline:
                              f"({n_prompts}).")
         length = call.get("max_sequence_length",
                           inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
-        embeds, pooled, _ = self.pipe.encode_prompt(
-            prompt=negatives, prompt_2=None, device=self.pipe._execution_device,
-            num_images_per_prompt=num_images_per_prompt if len(negatives) > 1 else 1, max_sequence_length=length,
-            lora_scale=(call.get("joint_attention_kwargs") or {}).get("scale"))
+        if self.family == "zimage":  # per-sample caption features, padding stripped; no pooled embedding
+            # ZImagePipeline.encode_prompt applies its chat template to the list it is given, in place: a copy
+            embeds, _ = self.pipe.encode_prompt(prompt=list(negatives), device=self.pipe._execution_device,
+                                                do_classifier_free_guidance=False, max_sequence_length=length)
+            if len(negatives) > 1:
+                embeds = [e for e in embeds for _ in range(num_images_per_prompt)]
+            return embeds, None
+        common = dict(prompt=negatives, prompt_2=None, device=self.pipe._execution_device,
+                      num_images_per_prompt=num_images_per_prompt if len(negatives) > 1 else 1,
+                      max_sequence_length=length, lora_scale=(call.get("joint_attention_kwargs") or {}).get("scale"))
+        if self.family == "sd3":  # (embeds, negative embeds, pooled, negative pooled); no CFG: no empty negative
+            embeds, _, pooled, _ = self.pipe.encode_prompt(prompt_3=None, do_classifier_free_guidance=False,
+                                                           clip_skip=call.get("clip_skip"), **common)
+        else:
+            embeds, pooled, _ = self.pipe.encode_prompt(**common)
         return embeds, pooled
 
     def __call__(self, prompt=None, negative_prompt=None, num_inference_steps: int | None = None, timesteps=None,
@@ -220,7 +226,7 @@ class DistilledDiTPipeline:
 
         Args:
             prompt: text prompt(s).
-            negative_prompt: FLUX.1 only (other families raise): what to steer away from, inside the joint
+            negative_prompt: FLUX.1, SD3.5 and Z-Image (others raise): what to steer away from, inside the joint
                 attention (`guidance`), with no second model pass; one string or one per prompt.
             num_inference_steps: network evaluations; a count the preset supports (default: the preset's).
             timesteps: explicit timesteps in training units (flow: t = 1000·σ; SANA-Sprint: TrigFlow angles,
@@ -233,8 +239,10 @@ class DistilledDiTPipeline:
             preset: a `FlowPreset` name for this call (default: the pipeline's).
             guidance: with `negative_prompt`: "nag" (default: the official NAG code's FLUX algorithm, the only one with
                 published FLUX settings) or "nasa" (SNOOPI eq. 9, Z+ − α·Z−).
-            nasa_scale: NASA α (default 0.2: SNOOPI publishes no FLUX value).
-            nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α (default 5, 2.5, 0.25: the official FLUX example).
+            nasa_scale: NASA α (default 0.2: SNOOPI publishes no value for these DiTs).
+            nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α (defaults `core.nag.DEFAULTS`: FLUX.1 5, 2.5, 0.25
+                with an L2 ratio as the official FLUX example; SD3.5 5, 2.5, 0.125 with L1 as its official processor;
+                Z-Image: FLUX.1's, no published setting).
             **kwargs: passed to the stock pipeline (e.g. `prompt_embeds`, `max_sequence_length`).
         """
         # 1. Check inputs
@@ -258,12 +266,12 @@ class DistilledDiTPipeline:
         with contextlib.ExitStack() as cleanup:
             cleanup.callback(setattr, self.pipe, "scheduler", original)
             if negative is not None:
-                from .nasa_joint import apply_joint_guidance
-
+                module, installer = NEGATIVE_PROMPT_ROUTES[self.family]
+                apply_guidance = getattr(importlib.import_module(f".{module}", __package__), installer)
                 embeds, pooled = self.encode_negative(negative_prompt, prompt, call, num_images_per_prompt)
-                handle = apply_joint_guidance(self.pipe.transformer, negative)
+                handle = apply_guidance(self.pipe.transformer, negative)
                 cleanup.callback(handle.remove)  # removed however the call ends
-                handle.set_negative(embeds, pooled)
+                handle.set_negative(embeds) if pooled is None else handle.set_negative(embeds, pooled)
             return self.pipe(prompt=prompt, height=height, width=width, generator=generator, latents=latents,
                              output_type=output_type, return_dict=return_dict,
                              callback_on_step_end=callback_on_step_end,

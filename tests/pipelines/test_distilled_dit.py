@@ -165,9 +165,27 @@ def test_wrong_combinations_name_what_fits(folders, models):
         run(sprint, "latent", 4, intermediate_timesteps=1.3)
     with pytest.raises(ValueError, match=r"'zimage-turbo' supports num_inference_steps in \[8\], got 9"):
         run(load_one_step(folders["zimage"], preset="zimage-turbo"), "latent", 9)
-    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for SD3/SD3.5 presets \(supported: "
-                                         r"FLUX.1, with guidance='nasa'\|'nag'\)"):  # FLUX.1: test_joint_guidance_flux
-        run(load_one_step(folders["sd3"], preset="sd35-large-turbo"), "latent", None, negative_prompt="blurry")
+    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for Qwen-Image presets \(supported: "
+                                         r"FLUX.1, SD3/SD3.5, Z-Image, with guidance='nasa'\|'nag'\)"):
+        run(load_one_step(folders["qwenimage"], preset="qwen-image-lightning-4step"), "latent", None,
+            negative_prompt="blurry")
+
+
+def test_sd35_negative_prompt_is_the_sd3_handle_applied_for_the_call(folders):
+    """NAG with SD3.5's official settings (L1 ratio, α 0.125), installed for the call only; scale 1 is the plain
+    image. (FLUX.1: tests/pipelines/test_joint_guidance_flux.py; the construction: test_joint_guidance_sd3.py.)"""
+    from swiftstep.core.nasa import NegativeGuidance
+    from swiftstep.pipelines.nasa_joint_sd3 import apply_sd3_guidance
+
+    pipe = load_one_step(folders["sd3"], preset="sd35-large-turbo")
+    plain = run(pipe, "latent", None)
+    guided = run(pipe, "latent", None, negative_prompt="blurry")
+    assert not torch.equal(guided, plain) and torch.equal(run(pipe, "latent", None), plain)  # removed after the call
+    assert torch.equal(run(pipe, "latent", None, negative_prompt="blurry", nag_scale=1.0), plain)
+    embeds, _, pooled, _ = pipe.encode_prompt("blurry", None, None, do_classifier_free_guidance=False)
+    with apply_sd3_guidance(pipe.transformer, NegativeGuidance.for_family("sd3", "nag")).set_negative(embeds, pooled):
+        by_hand = run(pipe, "latent", None)
+    assert torch.equal(guided, by_hand)
 
 
 def test_unet_folders_still_load_as_one_step_pipelines(models):
@@ -181,3 +199,18 @@ def test_not_a_model_folder_is_a_clear_error(tmp_path):
     (tmp_path / "model_index.json").write_text("{not json")
     with pytest.raises(ValueError, match=r"model_index.json: expected a diffusers JSON config"):
         load_one_step(tmp_path)
+
+
+def test_zimage_negative_prompt_is_the_zimage_handle_applied_for_the_call(folders):
+    from swiftstep.core.nasa import NegativeGuidance
+    from swiftstep.pipelines.nasa_joint_zimage import apply_zimage_guidance
+
+    pipe = load_one_step(folders["zimage"], preset="zimage-turbo")
+    plain = run(pipe, "latent", None)
+    guided = run(pipe, "latent", None, negative_prompt="blurry", guidance="nasa")
+    assert not torch.equal(guided, plain) and torch.equal(run(pipe, "latent", None), plain)
+    assert torch.equal(run(pipe, "latent", None, negative_prompt="blurry", nasa_scale=0.0, guidance="nasa"), plain)
+    embeds, _ = pipe.encode_prompt(prompt=["blurry"], do_classifier_free_guidance=False)
+    with apply_zimage_guidance(pipe.transformer, NegativeGuidance.for_family("zimage", "nasa")).set_negative(embeds):
+        by_hand = run(pipe, "latent", None)
+    assert torch.equal(guided, by_hand)
