@@ -22,12 +22,13 @@ guider and encode no negative prompt: `flux_guided_blocks()` swaps in the two st
 from __future__ import annotations
 
 import copy
+import importlib
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.guiders.guider_utils import BaseGuidance, GuiderOutput
-from diffusers.models import FluxTransformer2DModel, UNet2DConditionModel
+from diffusers.models import UNet2DConditionModel
 from diffusers.modular_pipelines.flux.denoise import FluxLoopDenoiser
 from diffusers.modular_pipelines.flux.encoders import FluxTextEncoderStep
 from diffusers.modular_pipelines.modular_pipeline_utils import ComponentSpec, InputParam, OutputParam
@@ -39,11 +40,16 @@ from .pipelines.pipeline_one_step import unet_family
 if TYPE_CHECKING:
     from diffusers.modular_pipelines.modular_pipeline import BlockState
 
-SUPPORTED = ("UNet2DConditionModel (SD1.x, SD2.x, SDXL)", "FluxTransformer2DModel (FLUX.1)")
+SUPPORTED = ("UNet2DConditionModel (SD1.x, SD2.x, SDXL)", "FluxTransformer2DModel (FLUX.1)",
+             "SD3Transformer2DModel (SD3/SD3.5)", "ZImageTransformer2DModel (Z-Image)")
+# joint-attention denoiser class → (family of its defaults, module, installer)
+JOINT_ROUTES = {"FluxTransformer2DModel": ("flux", "nasa_joint", "apply_joint_guidance"),
+                "SD3Transformer2DModel": ("sd3", "nasa_joint_sd3", "apply_sd3_guidance"),
+                "ZImageTransformer2DModel": ("zimage", "nasa_joint_zimage", "apply_zimage_guidance")}
 # The (conditional, unconditional) fields the modular denoise blocks pass: the text sequence and the pooled text
 # embedding. SDXL: prompt_embeds, text_embeds; SD3: encoder_hidden_states, text_embeds; flux_guided_blocks:
 # encoder_hidden_states, pooled_projections.
-TEXT_FIELDS = ("prompt_embeds", "encoder_hidden_states")
+TEXT_FIELDS = ("prompt_embeds", "encoder_hidden_states", "cap_feats")  # Z-Image: cap_feats
 POOLED_FIELDS = ("text_embeds", "pooled_projections")
 
 
@@ -128,9 +134,9 @@ class _AttentionNegativeGuidance(BaseGuidance):
                     nag_tau=defaults["nag_tau"] if self.nag_tau is None else self.nag_tau,
                     nag_alpha=defaults["nag_alpha"] if self.nag_alpha is None else self.nag_alpha)
 
-    def _flux_guidance(self) -> nasa.NegativeGuidance:
-        """FLUX.1 defaults: the official NAG example with its L2 per-token norm; NASA α 0.2 (no published value)."""
-        return nasa.NegativeGuidance.for_family("flux", self._mode, self.nasa_scale, self.nag_scale, self.nag_tau,
+    def _family_guidance(self, family: str) -> nasa.NegativeGuidance:
+        """The family's defaults (core.nag.DEFAULTS / core.nasa.DEFAULT_ALPHA) where a setting is None."""
+        return nasa.NegativeGuidance.for_family(family, self._mode, self.nasa_scale, self.nag_scale, self.nag_tau,
                                                 self.nag_alpha)
 
     def prepare_models(self, denoiser: torch.nn.Module) -> None:
@@ -140,7 +146,7 @@ class _AttentionNegativeGuidance(BaseGuidance):
         # The step's flag is back on in `cleanup_models` (and in `__call__`, for blocks that skip cleanup).
         self._in_step = False
         self._remove()
-        if not isinstance(denoiser, (UNet2DConditionModel, FluxTransformer2DModel)):
+        if not isinstance(denoiser, UNet2DConditionModel) and type(denoiser).__name__ not in JOINT_ROUTES:
             raise ValueError(f"{type(self).__name__} supports {', '.join(SUPPORTED)}; got {type(denoiser).__name__}.")
         if not self._is_guidance_enabled():
             return
@@ -155,8 +161,12 @@ class _AttentionNegativeGuidance(BaseGuidance):
             handle = nasa_processor.apply_nasa(denoiser, **self._unet_settings(denoiser))
             negative = (embeds,)
         else:
-            handle = nasa_joint.apply_joint_guidance(denoiser, self._flux_guidance(), construction=self.construction)
-            negative = (embeds, pooled)
+            family, module, installer = JOINT_ROUTES[type(denoiser).__name__]
+            apply_guidance = getattr(importlib.import_module(f".pipelines.{module}", __package__), installer)
+            guidance = self._family_guidance(family)
+            handle = apply_guidance(denoiser, guidance, construction=self.construction) if family == "flux" \
+                else apply_guidance(denoiser, guidance)
+            negative = (embeds,) if pooled is None else (embeds, pooled)
         try:
             handle.set_negative(*negative)
         except BaseException:  # rejected embeddings: nothing stays installed

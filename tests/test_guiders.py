@@ -325,3 +325,49 @@ def test_config_round_trip(tmp_path):
     assert (loaded.nag_scale, loaded.nag_tau, loaded.nag_alpha, loaded.construction, loaded._stop) == \
            (4.0, None, 0.3, "official", 0.5)
     assert guider.new(nag_scale=2.0).nag_scale == 2.0
+
+
+@pytest.mark.parametrize("family", ["sd3", "zimage"])
+def test_sd3_and_zimage_denoisers_get_their_joint_route_with_their_defaults(family):
+    """The guider's step on an SD3 / Z-Image transformer equals that family's route installed by hand with its
+    defaults (core.nag.DEFAULTS: SD3.5's L1 official settings, Z-Image FLUX.1's), and leaves the model plain after."""
+    from swiftstep.core.nasa import NegativeGuidance
+
+    from .dit_fixtures.flux_sd3 import build_sd3
+    from .dit_fixtures.qwen_family import build_zimage
+
+    g = torch.Generator().manual_seed(0)
+    if family == "sd3":
+        from swiftstep.pipelines.nasa_joint_sd3 import apply_sd3_guidance as apply_guidance
+
+        model = build_sd3().transformer
+        pos, neg = torch.randn(1, 12, 64, generator=g), torch.randn(1, 12, 64, generator=g)
+        pooled, neg_pooled = torch.randn(1, 48, generator=g), torch.randn(1, 48, generator=g)
+        fields = {"encoder_hidden_states": (pos, neg), "pooled_projections": (pooled, neg_pooled)}
+        x = torch.randn(1, 16, 8, 8, generator=g)
+
+        def call():
+            return model(hidden_states=x, encoder_hidden_states=pos, pooled_projections=pooled,
+                         timestep=torch.tensor([500.0]), return_dict=False)[0]
+        negative = (neg, neg_pooled)
+    else:
+        from swiftstep.pipelines.nasa_joint_zimage import apply_zimage_guidance as apply_guidance
+
+        model = build_zimage().transformer
+        pos, neg = [torch.randn(7, 32, generator=g)], [torch.randn(5, 32, generator=g)]
+        fields = {"cap_feats": (pos, neg)}
+        x = [torch.randn(16, 1, 8, 8, generator=g)]
+
+        def call():
+            return model(x, torch.tensor([0.5]), pos, return_dict=False)[0][0]
+        negative = (neg,)
+    plain = call()
+    guider = NAGGuidance()
+    (batch,) = guider.prepare_inputs(fields)
+    guider.prepare_models(model)
+    guided = call()
+    guider.cleanup_models(model)
+    assert torch.equal(call(), plain) and not torch.equal(guided, plain)
+    with apply_guidance(model, NegativeGuidance.for_family(family, "nag")).set_negative(*negative):
+        by_hand = call()
+    assert torch.equal(guided, by_hand)
