@@ -152,6 +152,12 @@ def make_context(mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0,
     return NegativeContext(nasa.NegativeGuidance.checked(mode, alpha, nag_scale, nag_tau, nag_alpha))
 
 
+def apply_guidance(model, guidance: nasa.NegativeGuidance) -> NASAHandle:
+    """`apply_nasa` with settings already validated (`core.nasa.NegativeGuidance`), as the joint-attention routes take
+    them: every text cross-attention of a UNet, PixArt or SANA model."""
+    return NASAHandle(model, NegativeContext(guidance))
+
+
 def apply_nasa(model, mode: str = "nasa", alpha: float = 0.1, nag_scale: float = 3.0, nag_tau: float = 2.5,
                nag_alpha: float = 0.5) -> NASAHandle:
     """Install NASA (or NAG) on every text cross-attention of `model`; returns the handle to feed and remove it.

@@ -9,7 +9,7 @@ stock pipeline through a flow-matching Euler scheduler with no shift of its own,
 exactly the preset's, whatever shift the folder's scheduler config carries. SANA-Sprint's TrigFlow angles go to its
 stock SCM scheduler as the preset's `max_timesteps` / `intermediate_timesteps`.
 
-A negative prompt (FLUX.1, SD3.5 and Z-Image so far) acts inside attention, NASA or NAG on the joint attention with one image stream
+A negative prompt (FLUX.1, SD3.5, Z-Image, SANA-Sprint so far) acts inside attention, NASA or NAG on the joint attention with one image stream
 and two text streams (`nasa_joint.apply_joint_guidance`), installed for the call and removed after it.
 """
 
@@ -31,7 +31,10 @@ PIPELINE_FAMILIES = {"FluxPipeline": "flux", "Flux2KleinPipeline": "flux2", "Sta
 _PATCH = 2
 # family → (module, installer) of its NASA/NAG on joint attention; defaults per family in core.nag / core.nasa
 NEGATIVE_PROMPT_ROUTES = {"flux": ("nasa_joint", "apply_joint_guidance"), "sd3": ("nasa_joint_sd3", "apply_sd3_guidance"),
-                          "zimage": ("nasa_joint_zimage", "apply_zimage_guidance")}
+                          "zimage": ("nasa_joint_zimage", "apply_zimage_guidance"),
+                          # SANA has text cross-attention: the cross-attention processors (SNOOPI's own setting)
+                          "sana-sprint": ("nasa_processor", "apply_guidance")}
+_DEFAULTS_FAMILY = {"sana-sprint": "sana"}  # core.nag / core.nasa key of a pipeline family, where it differs
 NEGATIVE_PROMPT_FAMILIES = tuple(NEGATIVE_PROMPT_ROUTES)
 FLUX_NAG = nag.DEFAULTS["flux"]  # kept for older imports
 FLUX_NASA_ALPHA = nasa.DEFAULT_ALPHA["flux"]
@@ -184,7 +187,8 @@ class DistilledDiTPipeline:
             raise ValueError(f"`negative_prompt` is not supported yet for {DIT_FAMILY_NAMES[self.family]} presets "
                              f"(supported: {supported}, with guidance='nasa'|'nag'): these models run without CFG, so "
                              f"the stock negative prompt has no effect.")
-        return nasa.NegativeGuidance.for_family(self.family, guidance, nasa_scale, nag_scale, nag_tau, nag_alpha)
+        return nasa.NegativeGuidance.for_family(_DEFAULTS_FAMILY.get(self.family, self.family), guidance, nasa_scale,
+                                                nag_scale, nag_tau, nag_alpha)
 
     def encode_negative(self, negative_prompt, prompt, call: dict, num_images_per_prompt: int):
         """(prompt_embeds, pooled_embeds) of the negative prompt, by the stock `encode_prompt` with the call's
@@ -199,6 +203,12 @@ class DistilledDiTPipeline:
                              f"({n_prompts}).")
         length = call.get("max_sequence_length",
                           inspect.signature(self.pipe.__call__).parameters["max_sequence_length"].default)
+        if self.family == "sana-sprint":  # (Gemma embeddings, their attention mask) with the call's instruction
+            return self.pipe.encode_prompt(
+                negatives, num_images_per_prompt=num_images_per_prompt if len(negatives) > 1 else 1,
+                device=self.pipe._execution_device, max_sequence_length=length,
+                complex_human_instruction=call.get("complex_human_instruction", inspect.signature(
+                    self.pipe.__call__).parameters["complex_human_instruction"].default))
         if self.family == "zimage":  # per-sample caption features, padding stripped; no pooled embedding
             # ZImagePipeline.encode_prompt applies its chat template to the list it is given, in place: a copy
             embeds, _ = self.pipe.encode_prompt(prompt=list(negatives), device=self.pipe._execution_device,
@@ -226,7 +236,7 @@ class DistilledDiTPipeline:
 
         Args:
             prompt: text prompt(s).
-            negative_prompt: FLUX.1, SD3.5 and Z-Image (others raise): what to steer away from, inside the joint
+            negative_prompt: FLUX.1, SD3.5, Z-Image, SANA-Sprint (others raise): what to steer away from, inside the
                 attention (`guidance`), with no second model pass; one string or one per prompt.
             num_inference_steps: network evaluations; a count the preset supports (default: the preset's).
             timesteps: explicit timesteps in training units (flow: t = 1000·σ; SANA-Sprint: TrigFlow angles,

@@ -166,7 +166,7 @@ def test_wrong_combinations_name_what_fits(folders, models):
     with pytest.raises(ValueError, match=r"'zimage-turbo' supports num_inference_steps in \[8\], got 9"):
         run(load_one_step(folders["zimage"], preset="zimage-turbo"), "latent", 9)
     with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for Qwen-Image presets \(supported: "
-                                         r"FLUX.1, SD3/SD3.5, Z-Image, with guidance='nasa'\|'nag'\)"):
+                                         r"FLUX.1, SD3/SD3.5, Z-Image, SANA-Sprint, with guidance='nasa'\|'nag'\)"):
         run(load_one_step(folders["qwenimage"], preset="qwen-image-lightning-4step"), "latent", None,
             negative_prompt="blurry")
 
@@ -213,4 +213,27 @@ def test_zimage_negative_prompt_is_the_zimage_handle_applied_for_the_call(folder
     embeds, _ = pipe.encode_prompt(prompt=["blurry"], do_classifier_free_guidance=False)
     with apply_zimage_guidance(pipe.transformer, NegativeGuidance.for_family("zimage", "nasa")).set_negative(embeds):
         by_hand = run(pipe, "latent", None)
+    assert torch.equal(guided, by_hand)
+
+
+def test_sana_sprint_negative_prompt_uses_the_cross_attention_processors(folders):
+    """SANA has text cross-attention: NASA/NAG there is SNOOPI's own setting (α 0.5 for SANA), the negative prompt
+    encoded as the positive one is (the call's Gemma instruction)."""
+    import inspect
+
+    from swiftstep.core.nasa import NegativeGuidance
+    from swiftstep.pipelines.nasa_processor import apply_guidance
+
+    pipe = load_one_step(folders["sana-sprint"])
+    plain = run(pipe, "latent", None)
+    guided = run(pipe, "latent", None, negative_prompt="blurry", guidance="nasa")
+    assert not torch.equal(guided, plain) and torch.equal(run(pipe, "latent", None), plain)
+    assert torch.equal(run(pipe, "latent", None, negative_prompt="blurry", guidance="nasa", nasa_scale=0.0), plain)
+    instruction = inspect.signature(pipe.pipe.__call__).parameters["complex_human_instruction"].default
+    embeds, mask = pipe.encode_prompt(["blurry"], complex_human_instruction=instruction)
+    handle = apply_guidance(pipe.transformer, NegativeGuidance.for_family("sana", "nasa")).set_negative(embeds, mask)
+    try:
+        by_hand = run(pipe, "latent", None)
+    finally:
+        handle.remove()
     assert torch.equal(guided, by_hand)
