@@ -307,8 +307,8 @@ class JointGuidanceHandle:
 
     # ---------------------------------------------------------------- hooks
     def _two_text_streams(self, module, args, kwargs):
-        """Transformer pre-hook: text and pooled embeddings [pos; neg] (2B rows), timestep/guidance doubled, the
-        image latents unchanged (B rows)."""
+        """Transformer pre-hook (FLUX.1 and SD3): text and pooled embeddings [pos; neg] (2B rows), timestep/guidance
+        doubled, the image latents unchanged (B rows)."""
         neg = self.context.encoder_hidden_states
         if neg is None:
             raise ValueError("NASA/NAG joint attention: call `set_negative(prompt_embeds, pooled_embeds)` before "
@@ -320,8 +320,8 @@ class JointGuidanceHandle:
             raise ValueError(f"`encoder_hidden_states` has batch {pos.shape[0]}, `hidden_states` {b}.")
         if neg.shape[1:] != pos.shape[1:]:
             raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
-                             f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (FLUX shares "
-                             f"the text ids).")
+                             f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (the two text "
+                             f"streams run as one batch; FLUX also shares the text ids).")
         neg = _rows(neg, b, "prompt_embeds").to(pos)
         if self.pooled_embeds is None:
             neg_pooled = pooled

@@ -137,38 +137,6 @@ class SD3GuidanceHandle(JointGuidanceHandle):
         Rejected embeddings remove the handle before the ValueError."""
         return super().set_negative(prompt_embeds, pooled_embeds)
 
-    def _two_text_streams(self, module, args, kwargs):
-        """Transformer pre-hook: text and pooled embeddings [pos; neg] (2B rows), timestep doubled, the image latents
-        unchanged (B rows)."""
-        neg = self.context.encoder_hidden_states
-        if neg is None:
-            raise ValueError("NASA/NAG joint attention: call `set_negative(prompt_embeds, pooled_embeds)` before "
-                             "running the transformer.")
-        kw = _bind(module, args, kwargs)
-        pos, pooled = kw["encoder_hidden_states"], kw["pooled_projections"]
-        b = kw["hidden_states"].shape[0]
-        if pos.shape[0] != b:
-            raise ValueError(f"`encoder_hidden_states` has batch {pos.shape[0]}, `hidden_states` {b}.")
-        if neg.shape[1:] != pos.shape[1:]:
-            raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
-                             f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (the two text "
-                             f"streams run as one batch).")
-        neg = _rows(neg, b, "prompt_embeds").to(pos)
-        if self.pooled_embeds is None:
-            neg_pooled = pooled
-        else:
-            if self.pooled_embeds.shape[1] != pooled.shape[1]:
-                raise ValueError(f"negative `pooled_embeds` has width {self.pooled_embeds.shape[1]}, the positive "
-                                 f"{pooled.shape[1]}.")
-            neg_pooled = _rows(self.pooled_embeds, b, "pooled_embeds").to(pooled)
-        kw["encoder_hidden_states"] = torch.cat([pos, neg])
-        kw["pooled_projections"] = torch.cat([pooled, neg_pooled])
-        t = kw.get("timestep")
-        if torch.is_tensor(t) and t.ndim and t.shape[0] == b:  # a single timestep broadcasts over 2B as it is
-            kw["timestep"] = torch.cat([t, t])
-        self.state.update(batch=b, text_len=pos.shape[1])
-        return (), kw
-
 
 def apply_sd3_guidance(transformer, guidance: nasa.NegativeGuidance) -> SD3GuidanceHandle:
     """Install NASA/NAG on an SD3/SD3.5 transformer; returns the handle to feed (`set_negative`) and remove. Off
