@@ -27,10 +27,11 @@ DEFAULTS = {
     # Joint-attention DiTs, from the official code (ChenDarYen/Normalized-Attention-Guidance): FLUX.1's example
     # (nag_scale 5, NAGFluxPipeline's τ 2.5 / α 0.25, L2 ratio in its FLUX processor); SD3.5's processor (τ 2.5,
     # α 0.125, L1 ratio; its nag_scale defaults to 1 = off, so FLUX's 5 until one is measured). Z-Image has no
-    # published setting: FLUX's, the closest joint-attention model with one.
+    # published setting: FLUX's, the closest joint-attention model with one (Qwen-Image too).
     "flux": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),
     "sd3": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.125, nag_norm=1),
     "zimage": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),
+    "qwenimage": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),  # none published: FLUX.1's
 }
 
 

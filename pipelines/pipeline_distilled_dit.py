@@ -9,7 +9,7 @@ stock pipeline through a flow-matching Euler scheduler with no shift of its own,
 exactly the preset's, whatever shift the folder's scheduler config carries. SANA-Sprint's TrigFlow angles go to its
 stock SCM scheduler as the preset's `max_timesteps` / `intermediate_timesteps`.
 
-A negative prompt (FLUX.1, SD3.5, Z-Image, SANA-Sprint so far) acts inside attention, NASA or NAG on the joint attention with one image stream
+A negative prompt (every family but FLUX.2 so far) acts inside attention, NASA or NAG on the joint attention with one image stream
 and two text streams (`nasa_joint.apply_joint_guidance`), installed for the call and removed after it.
 """
 
@@ -32,6 +32,7 @@ _PATCH = 2
 # family → (module, installer) of its NASA/NAG on joint attention; defaults per family in core.nag / core.nasa
 NEGATIVE_PROMPT_ROUTES = {"flux": ("nasa_joint", "apply_joint_guidance"), "sd3": ("nasa_joint_sd3", "apply_sd3_guidance"),
                           "zimage": ("nasa_joint_zimage", "apply_zimage_guidance"),
+                          "qwenimage": ("nasa_joint_qwenimage", "apply_qwenimage_guidance"),
                           # SANA has text cross-attention: the cross-attention processors (SNOOPI's own setting)
                           "sana-sprint": ("nasa_processor", "apply_guidance")}
 _DEFAULTS_FAMILY = {"sana-sprint": "sana"}  # core.nag / core.nasa key of a pipeline family, where it differs
@@ -191,7 +192,7 @@ class DistilledDiTPipeline:
                                                 nag_scale, nag_tau, nag_alpha)
 
     def encode_negative(self, negative_prompt, prompt, call: dict, num_images_per_prompt: int):
-        """(prompt_embeds, pooled_embeds) of the negative prompt, by the stock `encode_prompt` with the call's
+        """(prompt_embeds, second input: pooled embedding or text mask, or None) of the negative prompt, by the stock `encode_prompt` with the call's
         `max_sequence_length` (FLUX shares its text ids: both prompts need the same length)."""
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         if prompt is not None:
@@ -209,6 +210,15 @@ class DistilledDiTPipeline:
                 device=self.pipe._execution_device, max_sequence_length=length,
                 complex_human_instruction=call.get("complex_human_instruction", inspect.signature(
                     self.pipe.__call__).parameters["complex_human_instruction"].default))
+        if self.family == "qwenimage":  # (embeds, mask) padded to the longest negative, mask None if none is
+            # repeated here: diffusers 0.42.1's encode_prompt interleaves the embeds but tiles the mask for several
+            # prompts × images
+            embeds, mask = self.pipe.encode_prompt(prompt=negatives, device=self.pipe._execution_device,
+                                                   num_images_per_prompt=1, max_sequence_length=length)
+            if len(negatives) > 1 and num_images_per_prompt > 1:
+                embeds = embeds.repeat_interleave(num_images_per_prompt, dim=0)
+                mask = None if mask is None else mask.repeat_interleave(num_images_per_prompt, dim=0)
+            return embeds, mask
         if self.family == "zimage":  # per-sample caption features, padding stripped; no pooled embedding
             # ZImagePipeline.encode_prompt applies its chat template to the list it is given, in place: a copy
             embeds, _ = self.pipe.encode_prompt(prompt=list(negatives), device=self.pipe._execution_device,
@@ -236,7 +246,7 @@ class DistilledDiTPipeline:
 
         Args:
             prompt: text prompt(s).
-            negative_prompt: FLUX.1, SD3.5, Z-Image, SANA-Sprint (others raise): what to steer away from, inside the
+            negative_prompt: every family but FLUX.2 (it raises, for now): what to steer away from, inside the
                 attention (`guidance`), with no second model pass; one string or one per prompt.
             num_inference_steps: network evaluations; a count the preset supports (default: the preset's).
             timesteps: explicit timesteps in training units (flow: t = 1000·σ; SANA-Sprint: TrigFlow angles,
@@ -278,10 +288,11 @@ class DistilledDiTPipeline:
             if negative is not None:
                 module, installer = NEGATIVE_PROMPT_ROUTES[self.family]
                 apply_guidance = getattr(importlib.import_module(f".{module}", __package__), installer)
-                embeds, pooled = self.encode_negative(negative_prompt, prompt, call, num_images_per_prompt)
+                embeds, second = self.encode_negative(negative_prompt, prompt, call, num_images_per_prompt)
                 handle = apply_guidance(self.pipe.transformer, negative)
                 cleanup.callback(handle.remove)  # removed however the call ends
-                handle.set_negative(embeds) if pooled is None else handle.set_negative(embeds, pooled)
+                # the second: FLUX/SD3 pooled embedding, Qwen-Image text mask, SANA attention mask
+                handle.set_negative(embeds) if second is None else handle.set_negative(embeds, second)
             return self.pipe(prompt=prompt, height=height, width=width, generator=generator, latents=latents,
                              output_type=output_type, return_dict=return_dict,
                              callback_on_step_end=callback_on_step_end,

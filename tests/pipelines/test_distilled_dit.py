@@ -165,10 +165,9 @@ def test_wrong_combinations_name_what_fits(folders, models):
         run(sprint, "latent", 4, intermediate_timesteps=1.3)
     with pytest.raises(ValueError, match=r"'zimage-turbo' supports num_inference_steps in \[8\], got 9"):
         run(load_one_step(folders["zimage"], preset="zimage-turbo"), "latent", 9)
-    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for Qwen-Image presets \(supported: "
-                                         r"FLUX.1, SD3/SD3.5, Z-Image, SANA-Sprint, with guidance='nasa'\|'nag'\)"):
-        run(load_one_step(folders["qwenimage"], preset="qwen-image-lightning-4step"), "latent", None,
-            negative_prompt="blurry")
+    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for FLUX.2 presets \(supported: "
+                                         r"FLUX.1, SD3/SD3.5, Z-Image, Qwen-Image, SANA-Sprint, with "):
+        run(load_one_step(folders["flux2"]), "latent", None, negative_prompt="blurry")
 
 
 def test_sd35_negative_prompt_is_the_sd3_handle_applied_for_the_call(folders):
@@ -236,4 +235,20 @@ def test_sana_sprint_negative_prompt_uses_the_cross_attention_processors(folders
         by_hand = run(pipe, "latent", None)
     finally:
         handle.remove()
+    assert torch.equal(guided, by_hand)
+
+
+def test_qwen_image_negative_prompt_is_the_qwen_handle_applied_for_the_call(folders, lightning_lora):
+    from swiftstep.core.nasa import NegativeGuidance
+    from swiftstep.pipelines.nasa_joint_qwenimage import apply_qwenimage_guidance
+
+    pipe = load_one_step(folders["qwenimage"], preset="qwen-image-lightning-4step", lora=lightning_lora)
+    plain = run(pipe, "latent", None)
+    guided = run(pipe, "latent", None, negative_prompt="blurry, watermark")
+    assert not torch.equal(guided, plain) and torch.equal(run(pipe, "latent", None), plain)
+    assert torch.equal(run(pipe, "latent", None, negative_prompt="blurry", nag_scale=1.0), plain)
+    embeds, mask = pipe.encode_prompt("blurry, watermark")
+    with apply_qwenimage_guidance(pipe.transformer, NegativeGuidance.for_family("qwenimage", "nag")).set_negative(
+            embeds, mask):
+        by_hand = run(pipe, "latent", None)
     assert torch.equal(guided, by_hand)
