@@ -192,7 +192,8 @@ class DistilledDiTPipeline:
                                                 nag_scale, nag_tau, nag_alpha)
 
     def encode_negative(self, negative_prompt, prompt, call: dict, num_images_per_prompt: int):
-        """(prompt_embeds, second input: pooled embedding or text mask, or None) of the negative prompt, by the stock `encode_prompt` with the call's
+        """(prompt_embeds, second input or None) of the negative prompt — the second is the pooled embedding (FLUX,
+        SD3) or the text mask (Qwen-Image, SANA) — by the stock `encode_prompt` with the call's
         `max_sequence_length` (FLUX shares its text ids: both prompts need the same length)."""
         negatives = [negative_prompt] if isinstance(negative_prompt, str) else list(negative_prompt)
         if prompt is not None:
