@@ -32,6 +32,7 @@ DEFAULTS = {
     "sd3": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.125, nag_norm=1),
     "zimage": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),
     "qwenimage": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),  # none published: FLUX.1's
+    "flux2": dict(nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2),  # none published: FLUX.1's
 }
 
 

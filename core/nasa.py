@@ -25,7 +25,7 @@ MODES = ("nasa", "nag")
 DEFAULT_ALPHA = {"sd1": 0.1, "sd2": 0.2, "sdxl": 0.2, "pixart": 0.5, "sana": 0.5,
                  # SNOOPI publishes no α for the joint-attention DiTs (its Table 2 runs NASA on FLUX-schnell without
                  # stating one; the NAG paper reports NASA unstable there): SD2.1's 0.2, start low
-                 "flux": 0.2, "sd3": 0.2, "zimage": 0.2, "qwenimage": 0.2}
+                 "flux": 0.2, "sd3": 0.2, "zimage": 0.2, "qwenimage": 0.2, "flux2": 0.2}
 
 
 def nasa_combine(z_pos: torch.Tensor, z_neg: torch.Tensor, alpha: float) -> torch.Tensor:

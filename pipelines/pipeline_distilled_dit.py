@@ -9,7 +9,7 @@ stock pipeline through a flow-matching Euler scheduler with no shift of its own,
 exactly the preset's, whatever shift the folder's scheduler config carries. SANA-Sprint's TrigFlow angles go to its
 stock SCM scheduler as the preset's `max_timesteps` / `intermediate_timesteps`.
 
-A negative prompt (every family but FLUX.2 so far) acts inside attention, NASA or NAG on the joint attention with one image stream
+A negative prompt (every family) acts inside attention, NASA or NAG on the joint attention with one image stream
 and two text streams (`nasa_joint.apply_joint_guidance`), installed for the call and removed after it.
 """
 
@@ -33,6 +33,7 @@ _PATCH = 2
 NEGATIVE_PROMPT_ROUTES = {"flux": ("nasa_joint", "apply_joint_guidance"), "sd3": ("nasa_joint_sd3", "apply_sd3_guidance"),
                           "zimage": ("nasa_joint_zimage", "apply_zimage_guidance"),
                           "qwenimage": ("nasa_joint_qwenimage", "apply_qwenimage_guidance"),
+                          "flux2": ("nasa_joint_flux2", "apply_flux2_guidance"),
                           # SANA has text cross-attention: the cross-attention processors (SNOOPI's own setting)
                           "sana-sprint": ("nasa_processor", "apply_guidance")}
 _DEFAULTS_FAMILY = {"sana-sprint": "sana"}  # core.nag / core.nasa key of a pipeline family, where it differs
@@ -211,6 +212,11 @@ class DistilledDiTPipeline:
                 device=self.pipe._execution_device, max_sequence_length=length,
                 complex_human_instruction=call.get("complex_human_instruction", inspect.signature(
                     self.pipe.__call__).parameters["complex_human_instruction"].default))
+        if self.family == "flux2":  # (Qwen3 hidden states of the pipeline's text layers, text ids); no pooled
+            layers = {k: call[k] for k in ("text_encoder_out_layers",) if call.get(k) is not None}
+            return self.pipe.encode_prompt(prompt=negatives, device=self.pipe._execution_device,
+                                           num_images_per_prompt=num_images_per_prompt if len(negatives) > 1 else 1,
+                                           max_sequence_length=length, **layers)
         if self.family == "qwenimage":  # (embeds, mask) padded to the longest negative, mask None if none is
             # repeated here: diffusers 0.42.1's encode_prompt interleaves the embeds but tiles the mask for several
             # prompts × images
@@ -247,8 +253,8 @@ class DistilledDiTPipeline:
 
         Args:
             prompt: text prompt(s).
-            negative_prompt: every family but FLUX.2 (it raises, for now): what to steer away from, inside the
-                attention (`guidance`), with no second model pass; one string or one per prompt.
+            negative_prompt: what to steer away from, inside the attention (`guidance`), with no second model pass;
+                one string or one per prompt.
             num_inference_steps: network evaluations; a count the preset supports (default: the preset's).
             timesteps: explicit timesteps in training units (flow: t = 1000·σ; SANA-Sprint: TrigFlow angles,
                 steps + 1 values ending in 0), instead of the preset's.
@@ -263,7 +269,7 @@ class DistilledDiTPipeline:
             nasa_scale: NASA α (default 0.2: SNOOPI publishes no value for these DiTs).
             nag_scale, nag_tau, nag_alpha: NAG's φ + 1, τ and α (defaults `core.nag.DEFAULTS`: FLUX.1 5, 2.5, 0.25
                 with an L2 ratio as the official FLUX example; SD3.5 5, 2.5, 0.125 with L1 as its official processor;
-                Z-Image: FLUX.1's, no published setting).
+                Z-Image, Qwen-Image, FLUX.2: FLUX.1's, no published setting).
             **kwargs: passed to the stock pipeline (e.g. `prompt_embeds`, `max_sequence_length`).
         """
         # 1. Check inputs
@@ -292,7 +298,7 @@ class DistilledDiTPipeline:
                 embeds, second = self.encode_negative(negative_prompt, prompt, call, num_images_per_prompt)
                 handle = apply_guidance(self.pipe.transformer, negative)
                 cleanup.callback(handle.remove)  # removed however the call ends
-                # the second: FLUX/SD3 pooled embedding, Qwen-Image text mask, SANA attention mask
+                # the second: FLUX/SD3 pooled embedding, FLUX.2 text ids, Qwen-Image / SANA text mask
                 handle.set_negative(embeds) if second is None else handle.set_negative(embeds, second)
             return self.pipe(prompt=prompt, height=height, width=width, generator=generator, latents=latents,
                              output_type=output_type, return_dict=return_dict,

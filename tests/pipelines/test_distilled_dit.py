@@ -165,9 +165,8 @@ def test_wrong_combinations_name_what_fits(folders, models):
         run(sprint, "latent", 4, intermediate_timesteps=1.3)
     with pytest.raises(ValueError, match=r"'zimage-turbo' supports num_inference_steps in \[8\], got 9"):
         run(load_one_step(folders["zimage"], preset="zimage-turbo"), "latent", 9)
-    with pytest.raises(ValueError, match=r"`negative_prompt` is not supported yet for FLUX.2 presets \(supported: "
-                                         r"FLUX.1, SD3/SD3.5, Z-Image, Qwen-Image, SANA-Sprint, with "):
-        run(load_one_step(folders["flux2"]), "latent", None, negative_prompt="blurry")
+    with pytest.raises(ValueError, match=r"`guidance` must be one of \('nasa', 'nag'\), got 'cfg'"):
+        run(load_one_step(folders["flux2"]), "latent", None, negative_prompt="blurry", guidance="cfg")
 
 
 def test_sd35_negative_prompt_is_the_sd3_handle_applied_for_the_call(folders):
@@ -250,5 +249,27 @@ def test_qwen_image_negative_prompt_is_the_qwen_handle_applied_for_the_call(fold
     embeds, mask = pipe.encode_prompt("blurry, watermark")
     with apply_qwenimage_guidance(pipe.transformer, NegativeGuidance.for_family("qwenimage", "nag")).set_negative(
             embeds, mask):
+        by_hand = run(pipe, "latent", None)
+    assert torch.equal(guided, by_hand)
+
+
+def test_every_family_takes_a_negative_prompt():
+    from swiftstep.pipelines.pipeline_distilled_dit import NEGATIVE_PROMPT_ROUTES, PIPELINE_FAMILIES
+
+    assert set(NEGATIVE_PROMPT_ROUTES) == set(PIPELINE_FAMILIES.values())
+
+
+def test_flux2_klein_negative_prompt_is_the_flux2_handle_applied_for_the_call(folders):
+    from swiftstep.core.nasa import NegativeGuidance
+    from swiftstep.pipelines.nasa_joint_flux2 import apply_flux2_guidance
+
+    pipe = load_one_step(folders["flux2"])
+    plain = run(pipe, "latent", None)
+    guided = run(pipe, "latent", None, negative_prompt="blurry, watermark")
+    assert not torch.equal(guided, plain) and torch.equal(run(pipe, "latent", None), plain)
+    assert torch.equal(run(pipe, "latent", None, negative_prompt="blurry", nag_scale=1.0), plain)
+    embeds, text_ids = pipe.encode_prompt("blurry, watermark")
+    with apply_flux2_guidance(pipe.transformer, NegativeGuidance.for_family("flux2", "nag")).set_negative(embeds,
+                                                                                                       text_ids):
         by_hand = run(pipe, "latent", None)
     assert torch.equal(guided, by_hand)
