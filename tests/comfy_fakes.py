@@ -722,3 +722,213 @@ def install(monkeypatch, models_root=None) -> types.SimpleNamespace:
     for name in [m for m in sys.modules if m.startswith("swiftstep.nodes")]:
         monkeypatch.delitem(sys.modules, name)
     return types.SimpleNamespace(io=io, samplers=samplers, model_sampling=ms, model_management=mm)
+
+
+# ----------------------------------------------------------------------------- joint-attention DiTs (FLUX.1, Z-Image)
+# comfy.ldm.modules.attention.wrap_attn: a `transformer_options["optimized_attention_override"]` receives the raw
+# function first; `_inside_attn_wrapper` keeps the override's own call from being overridden again.
+
+
+def wrap_attn(func):
+    def wrapper(*args, **kwargs):
+        options = kwargs.get("transformer_options")
+        if "_inside_attn_wrapper" not in kwargs and options is not None and "optimized_attention_override" in options:
+            kwargs["_inside_attn_wrapper"] = True
+            return options["optimized_attention_override"](func, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return wrapper
+
+
+@wrap_attn
+def attention_pytorch(q, k, v, heads, mask=None, attn_precision=None, skip_reshape=False, skip_output_reshape=False,
+                      **kwargs):
+    """comfy.ldm.modules.attention.attention_pytorch: (B, L, H·D) or, with skip_reshape, (B, H, L, D) in; (B, L, H·D)
+    out, or (B, H, L, D) with skip_output_reshape."""
+    if skip_reshape:
+        b, _, _, d = q.shape
+    else:
+        b, _, inner = q.shape
+        d = inner // heads
+        q, k, v = (t.view(b, -1, heads, d).transpose(1, 2) for t in (q, k, v))
+    if mask is not None and mask.ndim == 3:  # [B, Lq or 1, Lk] → [B, 1, Lq or 1, Lk]
+        mask = mask.unsqueeze(1)
+    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out if skip_output_reshape else out.transpose(1, 2).reshape(b, -1, heads * d)
+
+
+def split_heads(x, heads):  # [B, L, H·D] → [B, H, L, D]
+    return x.unflatten(-1, (heads, -1)).transpose(1, 2)
+
+
+class JointStreamBlock(torch.nn.Module):
+    """One token stream of a joint-attention block: AdaLN scale/shift from `vec` (none when `modulated` is False, as
+    Z-Image's context refiner), q/k/v [B, H, L, D], an output projection and a gated MLP."""
+
+    def __init__(self, d, heads, modulated=True):
+        super().__init__()
+        self.heads = heads
+        self.mod = torch.nn.Linear(d, 2 * d) if modulated else None
+        self.norm = torch.nn.LayerNorm(d, elementwise_affine=False)
+        self.qkv = torch.nn.Linear(d, 3 * d)
+        self.proj = torch.nn.Linear(d, d)
+        self.mlp = torch.nn.Sequential(torch.nn.Linear(d, 2 * d), torch.nn.GELU(), torch.nn.Linear(2 * d, d))
+
+    def qkv_of(self, x, vec=None):
+        h = self.norm(x)
+        if self.mod is not None:
+            scale, shift = self.mod(torch.nn.functional.silu(vec))[:, None].chunk(2, dim=-1)
+            h = h * (1 + scale) + shift
+        return tuple(split_heads(t, self.heads) for t in self.qkv(h).chunk(3, dim=-1))
+
+    def finish(self, x, attn):  # attn [B, L, H·D]
+        x = x + self.proj(attn)
+        return x + self.mlp(self.norm(x))
+
+
+class JointDoubleBlock(torch.nn.Module):
+    """comfy.ldm.flux.layers.DoubleStreamBlock in miniature: own weights per stream, attention over [txt, img]."""
+
+    def __init__(self, d, heads):
+        super().__init__()
+        self.img, self.txt = JointStreamBlock(d, heads), JointStreamBlock(d, heads)
+
+    def forward(self, img, txt, vec, transformer_options):
+        qi, ki, vi = self.img.qkv_of(img, vec)
+        qt, kt, vt = self.txt.qkv_of(txt, vec)
+        attn = attention_pytorch(torch.cat([qt, qi], 2), torch.cat([kt, ki], 2), torch.cat([vt, vi], 2),
+                                 self.img.heads, skip_reshape=True, transformer_options=transformer_options)
+        t = txt.shape[1]
+        return self.img.finish(img, attn[:, t:]), self.txt.finish(txt, attn[:, :t])
+
+
+class JointSingleBlock(JointStreamBlock):
+    """comfy.ldm.flux.layers.SingleStreamBlock / lumina JointTransformerBlock in miniature: one set of weights over
+    the whole sequence; `skip_output_reshape` as some ComfyUI models call attention."""
+
+    def forward(self, x, vec, transformer_options, skip_output_reshape=False):
+        q, k, v = self.qkv_of(x, vec)
+        attn = attention_pytorch(q, k, v, self.heads, skip_reshape=True, skip_output_reshape=skip_output_reshape,
+                                 transformer_options=transformer_options)
+        if skip_output_reshape:
+            attn = attn.transpose(1, 2).flatten(2)
+        return self.finish(x, attn)
+
+
+def patchify(x, p=2):  # [B, C, H, W] → [B, (H/p)(W/p), C·p·p]
+    b, c, h, w = x.shape
+    return x.view(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5).flatten(3).flatten(1, 2)
+
+
+def unpatchify(tokens, shape, p=2):
+    b, c, h, w = shape
+    return tokens.view(b, h // p, w // p, c, p, p).permute(0, 3, 1, 4, 2, 5).reshape(shape)
+
+
+class FluxDiT(torch.nn.Module):
+    """comfy.ldm.flux.model.Flux's data flow in miniature: txt_in(context), img_in(patches), vec from t and the pooled
+    `y`, one double block over [txt, img], one single block over [txt, img], the image tokens out."""
+
+    patch_size = 2
+
+    def __init__(self, channels=3, context_dim=12, pooled_dim=6, d=16, heads=2):
+        super().__init__()
+        self.img_in = torch.nn.Linear(channels * 4, d)
+        self.txt_in = torch.nn.Linear(context_dim, d)
+        self.time_in, self.vector_in = torch.nn.Linear(1, d), torch.nn.Linear(pooled_dim, d)
+        self.double_block = JointDoubleBlock(d, heads)
+        self.single_block = JointSingleBlock(d, heads)
+        self.final = torch.nn.Linear(d, channels * 4)
+
+    def vec(self, timestep, y):
+        return self.time_in(timestep[:, None].to(y)) + self.vector_in(y)
+
+    def forward(self, x, timestep, context, y=None, guidance=None, transformer_options={}, **kwargs):
+        img, txt, vec = self.img_in(patchify(x)), self.txt_in(context), self.vec(timestep, y)
+        img, txt = self.double_block(img, txt, vec, transformer_options)
+        t = txt.shape[1]
+        out = self.single_block(torch.cat([txt, img], 1), vec, transformer_options)
+        return unpatchify(self.final(out[:, t:]), x.shape)
+
+
+class ZImageDiT(torch.nn.Module):
+    """comfy.ldm.lumina.model.NextDiT's Z-Image data flow in miniature: captions embedded and padded to
+    `pad_tokens_multiple` with a pad token, refined alone (unmodulated); image patches embedded, padded, refined alone
+    (t-modulated); main layer over [cap, img]; the image tokens out."""
+
+    patch_size = 2
+
+    def __init__(self, channels=3, context_dim=12, d=16, heads=2, pad_tokens_multiple=4):
+        super().__init__()
+        self.pad_tokens_multiple = pad_tokens_multiple
+        self.cap_embedder = torch.nn.Linear(context_dim, d)
+        self.x_embedder = torch.nn.Linear(channels * 4, d)
+        self.t_embedder = torch.nn.Linear(1, d)
+        self.cap_pad_token = torch.nn.Parameter(torch.randn(1, d))
+        self.x_pad_token = torch.nn.Parameter(torch.randn(1, d))
+        self.context_refiner = torch.nn.ModuleList([JointSingleBlock(d, heads, modulated=False)])
+        self.noise_refiner = JointSingleBlock(d, heads)
+        self.layer = JointSingleBlock(d, heads)
+        self.final = torch.nn.Linear(d, channels * 4)
+
+    def pad(self, x, token):
+        extra = (-x.shape[1]) % self.pad_tokens_multiple
+        return torch.cat([x, token.to(x).expand(x.shape[0], extra, -1)], 1)
+
+    def forward(self, x, timesteps, context, num_tokens=None, attention_mask=None, transformer_options={}, **kwargs):
+        t = self.t_embedder((1.0 - timesteps)[:, None].to(x))
+        cap = self.pad(self.cap_embedder(context), self.cap_pad_token)
+        for layer in self.context_refiner:
+            cap = layer(cap, None, transformer_options, skip_output_reshape=True)
+        n = x.shape[-2] * x.shape[-1] // 4
+        img = self.noise_refiner(self.pad(self.x_embedder(patchify(x)), self.x_pad_token), t, transformer_options)
+        out = self.layer(torch.cat([cap, img], 1), t, transformer_options)
+        return unpatchify(self.final(out[:, cap.shape[1]:cap.shape[1] + n]), x.shape)
+
+
+class FakeDiTModel(FakeBaseModel):
+    """comfy.model_base.Flux / Lumina2 at the model-call surface: apply_model(x, t, c_crossattn, transformer_options,
+    **extra conds) → the diffusion model's output (flow: the x0 arithmetic is left out, the wrapper does not see it)."""
+
+    def apply_model(self, x, t, c_crossattn=None, control=None, transformer_options={}, **kwargs):
+        return self.diffusion_model(x, t, context=c_crossattn, transformer_options=dict(transformer_options), **kwargs)
+
+
+def dit_patcher(family: str, seed: int = 0) -> FakeModelPatcher:
+    """A MODEL whose model_base / model_config class names are ComfyUI's: Flux + FluxSchnell, Lumina2 + ZImage; or any
+    other pair ("SD3" → MMDiT-named base) for refusals."""
+    torch.manual_seed(seed)
+    net, base, config = {"flux": (FluxDiT, "Flux", "FluxSchnell"), "zimage": (ZImageDiT, "Lumina2", "ZImage"),
+                         "lumina2": (ZImageDiT, "Lumina2", "Lumina2"), "flux2": (FluxDiT, "Flux2", "Flux2"),
+                         "sd3": (FluxDiT, "SD3", "SD3")}[family]
+    model = type(base, (FakeDiTModel,), {})(net().double(), flow_model_sampling(), config)
+    return FakeModelPatcher(model)
+
+
+def set_attr(obj, attr: str, value):
+    """comfy.utils.set_attr: set a dotted attribute, return the previous value."""
+    *path, last = attr.split(".")
+    for name in path:
+        obj = getattr(obj, name)
+    previous = getattr(obj, last)
+    setattr(obj, last, value)
+    return previous
+
+
+def calc_cond_batch(patcher, x, timestep, c: dict, cond_or_uncond: list):
+    """The end of comfy.samplers._calc_cond_batch with the patcher's object patches applied (ModelPatcher.patch_model
+    before sampling, restored after): the model's transformer_options with cond_or_uncond and uuids added, then
+    `model_function_wrapper(apply_model, {...})` where one is set, else apply_model."""
+    options = dict(patcher.model_options["transformer_options"])
+    options.update(cond_or_uncond=list(cond_or_uncond), uuids=[f"uuid-{i}" for i in range(len(cond_or_uncond))])
+    c = {**c, "transformer_options": options}
+    wrapper = patcher.model_options.get("model_function_wrapper")
+    backup = {name: set_attr(patcher.model, name, obj) for name, obj in getattr(patcher, "object_patches", {}).items()}
+    try:
+        if wrapper is not None:
+            return wrapper(patcher.model.apply_model, {"input": x, "timestep": timestep, "c": c,
+                                                       "cond_or_uncond": list(cond_or_uncond)})
+        return patcher.model.apply_model(x, timestep, **c)
+    finally:
+        for name, previous in backup.items():
+            set_attr(patcher.model, name, previous)

@@ -99,7 +99,7 @@ def test_bad_input_names_the_node_and_input(node):
         node.SwiftStepNASA.execute(patcher, [], "nasa", 0.2, 3.0, 2.5, 0.5)
     dit = make_patcher()
     dit.model.diffusion_model = torch.nn.Linear(2, 2)
-    with pytest.raises(ValueError, match=r"SwiftStepNASA: input `model` is a Linear, which has no text "
+    with pytest.raises(ValueError, match=r"SwiftStepNASA: input `model` is a Linear \(SD15 model\), which has no text "
                                          r"cross-attention blocks NASA can patch"):
         run(node, dit, torch.randn(1, 5, 24))
 
@@ -181,3 +181,218 @@ def test_weights_loaded_in_inference_mode_are_supported(node):
         patch = patched.model_options["transformer_options"]["patches_replace"]["attn2"][("middle", 0, 0)]
         q, k, v = (torch.randn(2, 10, 32, dtype=torch.float64) for _ in range(3))
         assert patch(q, k, v, {"n_heads": 2}).isfinite().all()
+
+
+# ----------------------------------------------------------------------------- FLUX.1 and Z-Image (joint attention)
+# References written from the construction (the official NAG code's: one image stream, two text streams), on the
+# fakes' miniature nets, in float64; the code under test runs the two text streams as batch rows instead.
+
+
+def attend(q, k, v):  # [B, H, L, D] → [B, L, H·D]
+    w = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    return (w @ v).transpose(1, 2).flatten(2)
+
+
+def joint_combine(mode, alpha=0.3, s=5.0, tau=2.5, a=0.25):
+    if mode == "nasa":
+        return lambda zp, zn: zp - alpha * zn  # SNOOPI eq. 9
+
+    def nag(zp, zn):  # NAG eqs. 7–10 with the official joint-attention code's L2 per-token ratio
+        zt = zp * s - zn * (s - 1)
+        r = zt.norm(dim=-1, keepdim=True) / zp.norm(dim=-1, keepdim=True)
+        return a * zt * torch.clamp(r, max=tau) / r + (1 - a) * zp
+
+    return nag
+
+
+def flux_reference(net, x, t, y, pos, neg, combine):
+    """One image stream; text streams ± each over its own [txt, img]; image queries → combine(Z+, Z−). Both text
+    streams are modulated with the positive pooled `y`."""
+    img, vec = net.img_in(fakes.patchify(x)), net.vec(t, y)
+    txt = [net.txt_in(pos), net.txt_in(neg)]
+    blk = net.double_block
+    qi, ki, vi = blk.img.qkv_of(img, vec)
+    qkv = [blk.txt.qkv_of(s, vec) for s in txt]
+    z = [attend(qi, torch.cat([kt, ki], 2), torch.cat([vt, vi], 2)) for _, kt, vt in qkv]
+    txt = [blk.txt.finish(s, attend(qt, torch.cat([kt, ki], 2), torch.cat([vt, vi], 2)))
+           for s, (qt, kt, vt) in zip(txt, qkv)]
+    img = blk.img.finish(img, combine(*z))
+    rows = [torch.cat([s, img], 1) for s in txt]  # single block: the same image in both rows
+    qkv = [net.single_block.qkv_of(r, vec) for r in rows]
+    z = [attend(*p)[:, pos.shape[1]:] for p in qkv]
+    img = net.single_block.finish(rows[0], torch.cat([attend(*qkv[0])[:, :pos.shape[1]], combine(*z)], 1))
+    return fakes.unpatchify(net.final(img[:, pos.shape[1]:]), x.shape)
+
+
+def zimage_reference(net, x, t, pos, neg, combine):
+    """Captions ± refined alone, the image refined once; main layer: image queries → combine(Z+, Z−) over [cap±, img],
+    each caption over its own [cap, img]."""
+    temb = net.t_embedder((1.0 - t)[:, None].to(x))
+    caps = [net.context_refiner[0](net.pad(net.cap_embedder(c), net.cap_pad_token), None, {}) for c in (pos, neg)]
+    n = x.shape[-2] * x.shape[-1] // 4
+    img = net.noise_refiner(net.pad(net.x_embedder(fakes.patchify(x)), net.x_pad_token), temb, {})
+    rows = [torch.cat([c, img], 1) for c in caps]
+    qkv = [net.layer.qkv_of(r, temb) for r in rows]
+    tp = caps[0].shape[1]
+    z = [attend(*p)[:, c.shape[1]:] for p, c in zip(qkv, caps)]  # each caption its own padded length
+    out = net.layer.finish(rows[0], torch.cat([attend(*qkv[0])[:, :tp], combine(*z)], 1))
+    return fakes.unpatchify(net.final(out[:, tp:tp + n]), x.shape)
+
+
+def dit_inputs(family, batch=1, text_len=5, seed=3, negative_len=None):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, 4, 6, generator=g, dtype=torch.float64)  # 2×3 = 6 image tokens
+    t = torch.rand(batch, generator=g, dtype=torch.float64)
+    pos = torch.randn(batch, text_len, 12, generator=g, dtype=torch.float64)
+    neg = torch.randn(1, negative_len or text_len, 12, generator=g, dtype=torch.float64)
+    c = {"c_crossattn": pos}
+    if family == "flux":
+        c["y"] = torch.randn(batch, 6, generator=g, dtype=torch.float64)
+        c["guidance"] = torch.full((batch,), 3.5, dtype=torch.float64)
+    else:
+        c["num_tokens"] = text_len
+    return x, t, pos, neg, c
+
+
+def joint_settings(mode):
+    return dict(mode=mode, nasa_scale=0.3, nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25)
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_dit_gets_a_wrapper_and_an_attention_override_on_a_clone(node, family):
+    patcher = fakes.dit_patcher(family)
+    before = patcher.model_options
+    patched = run(node, patcher, dit_inputs(family)[3])
+    assert patched is not patcher and patcher.model_options is before
+    assert "model_function_wrapper" not in patcher.model_options
+    assert "optimized_attention_override" not in patcher.model_options["transformer_options"]
+    wrapper = patched.model_options["model_function_wrapper"]
+    assert patched.model_options["transformer_options"]["optimized_attention_override"] is wrapper.override
+    assert wrapper.guidance.nag_norm == 2  # the official joint-attention code's per-token L2 ratio
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_flux_equals_one_image_stream_two_text_streams(node, mode, batch):
+    patcher = fakes.dit_patcher("flux")
+    x, t, pos, neg, c = dit_inputs("flux", batch)
+    patched = run(node, patcher, neg, **joint_settings(mode))
+    got = fakes.calc_cond_batch(patched, x, t, c, [0])
+    ref = flux_reference(patcher.model.diffusion_model, x, t, c["y"], pos, neg.expand(batch, -1, -1),
+                         joint_combine(mode))
+    plain = fakes.calc_cond_batch(patcher, x, t, c, [0])
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-12
+    assert (got - plain).abs().max() > 1e-3  # the negative prompt changed the output
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+@pytest.mark.parametrize("text_len", [5, 11])  # padded captions: 8 (= the padded image, 8) and 12 tokens
+def test_zimage_equals_one_image_stream_two_caption_streams(node, mode, text_len):
+    patcher = fakes.dit_patcher("zimage")
+    x, t, pos, neg, c = dit_inputs("zimage", text_len=text_len)
+    patched = run(node, patcher, neg, **joint_settings(mode))
+    seen = []
+    net = patcher.model.diffusion_model
+    hook = net.layer.register_forward_pre_hook(lambda m, a: seen.append(a[0].shape))
+    got = fakes.calc_cond_batch(patched, x, t, c, [0])
+    hook.remove()
+    ref = zimage_reference(net, x, t, pos, neg, joint_combine(mode))
+    assert seen == [(2, 8 + (8 if text_len == 5 else 12), 16)]  # [cap, img] rows [pos; neg] in one call
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["nasa", "nag"])
+@pytest.mark.parametrize("text_len,negative_len", [
+    (5, 3),   # padded 8 and 4 (the fakes pad to 4): the negative's positions 3…4 become the pad token, keys 4…7 masked
+    (6, 7),   # same padded length 8, the positive shorter: its position 6 becomes the pad token
+    (11, 3),  # padded 12 and 4: the negative's keys 4…11 masked (context refiner and main layer)
+    (7, 2),   # padded 8 and 4: masked in the context refiner, whose length 8 is also the noise refiner's
+])
+def test_zimage_captions_of_different_lengths_see_their_own_tokens(node, mode, text_len, negative_len):
+    patcher = fakes.dit_patcher("zimage")
+    x, t, pos, neg, c = dit_inputs("zimage", text_len=text_len, negative_len=negative_len)
+    patched = run(node, patcher, neg, **joint_settings(mode))
+    got = fakes.calc_cond_batch(patched, x, t, c, [0])
+    ref = zimage_reference(patcher.model.diffusion_model, x, t, pos, neg, joint_combine(mode))
+    assert ((got - ref).abs().max() / ref.abs().max()).item() <= 1e-12
+    net = patcher.model.diffusion_model
+    assert set(patched.object_patches) == {"diffusion_model.cap_embedder.forward",
+                                           "diffusion_model.context_refiner.0.forward"}
+    assert not isinstance(net.cap_embedder.forward, node.CaptionPadForward)  # applied only while the clone samples
+
+
+def test_zimage_negative_longer_than_the_positive_block_is_refused(node):
+    patcher = fakes.dit_patcher("zimage")
+    x, t, pos, neg, c = dit_inputs("zimage", text_len=3, negative_len=5)  # padded 4 and 8
+    with pytest.raises(ValueError, match=r"SwiftStepNASA on Z-Image: the negative prompt has 5 tokens, more than "
+                                         r"the positive's caption block holds \(3 tokens padded to 4\); shorten"):
+        fakes.calc_cond_batch(run(node, patcher, neg), x, t, c, [0])
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_guidance_off_installs_nothing_and_the_batched_rows_change_nothing(node, family):
+    patcher = fakes.dit_patcher(family)
+    x, t, pos, neg, c = dit_inputs(family)
+    plain = fakes.calc_cond_batch(patcher, x, t, c, [0])
+    for kw in (dict(nasa_scale=0.0), dict(mode="nag", nag_scale=1.0)):
+        off = run(node, patcher, neg, **kw)
+        assert "model_function_wrapper" not in off.model_options
+        assert torch.equal(fakes.calc_cond_batch(off, x, t, c, [0]), plain)
+    # installed anyway (α = 0): the positive row of the two-row call is the plain model's output
+    forced = node.patch_joint_model(patcher, neg, node.nasa.NegativeGuidance.checked("nasa", 0.0))
+    assert ((fakes.calc_cond_batch(forced, x, t, c, [0]) - plain).abs().max() / plain.abs().max()).item() <= 1e-12
+
+
+@pytest.mark.parametrize("family", ["flux", "zimage"])
+def test_cfg_batches_guide_only_the_positive_rows(node, family):
+    patcher = fakes.dit_patcher(family)
+    x, t, pos, neg, c = dit_inputs(family, batch=1)
+    patched = run(node, patcher, neg)
+    uncond = {**c, "c_crossattn": torch.randn_like(pos)}
+    both = {k: torch.cat([uncond[k], c[k]]) if torch.is_tensor(c[k]) else c[k] for k in c}
+    got = fakes.calc_cond_batch(patched, torch.cat([x, x]), torch.cat([t, t]), both, [1, 0])  # rows: uncond, cond
+    assert torch.equal(got[:1], fakes.calc_cond_batch(patcher, x, t, uncond, [1]))
+    assert ((got[1:] - fakes.calc_cond_batch(patched, x, t, c, [0])).abs().max()).item() <= 1e-12
+
+
+def test_existing_wrapper_and_override_are_chained(node):
+    patcher = fakes.dit_patcher("flux")
+    calls = {"wrapper": 0, "override": 0}
+
+    def wrapper(apply_model, args):
+        calls["wrapper"] += 1
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    def override(func, *args, **kwargs):
+        calls["override"] += 1
+        return func(*args, **kwargs)
+
+    patcher.model_options = {"transformer_options": {"optimized_attention_override": override},
+                             "model_function_wrapper": wrapper}
+    x, t, pos, neg, c = dit_inputs("flux")
+    got = fakes.calc_cond_batch(run(node, patcher, neg), x, t, c, [0])
+    assert calls == {"wrapper": 1, "override": 2}  # one model call, two joint attentions
+    ref = flux_reference(patcher.model.diffusion_model, x, t, c["y"], pos, neg, joint_combine("nasa"))
+    assert (got - ref).abs().max() <= 1e-12 * ref.abs().max()
+
+
+def test_joint_errors_name_the_node_the_input_and_the_fix(node):
+    patcher = fakes.dit_patcher("flux")
+    x, t, pos, neg, c = dit_inputs("flux")
+    patched = run(node, patcher, neg[:, :4])
+    with pytest.raises(ValueError, match=r"SwiftStepNASA on FLUX.1: the negative prompt has 4 tokens, the positive 5; "
+                                         r".*pads FLUX's T5 conditioning to 256 tokens"):
+        fakes.calc_cond_batch(patched, x, t, c, [0])
+    with pytest.raises(ValueError, match="SwiftStepNASA is already applied to this model"):
+        run(node, run(node, patcher, neg), neg)
+    replaced = run(node, patcher, neg)
+    replaced.model_options["transformer_options"] = {"optimized_attention_override": lambda f, *a, **k: f(*a, **k)}
+    with pytest.raises(ValueError, match="a node applied after it replaced its attention override"):
+        fakes.calc_cond_batch(replaced, x, t, c, [0])
+    with pytest.raises(ValueError, match="does not combine with a ControlNet yet"):
+        fakes.calc_cond_batch(run(node, patcher, neg), x, t, {**c, "control": {"output": []}}, [0])
+    for family, name in (("sd3", r"FluxDiT \(SD3 model\)"), ("flux2", r"FluxDiT \(Flux2 model\)"),
+                         ("lumina2", r"ZImageDiT \(Lumina2 model\)")):
+        with pytest.raises(ValueError, match=rf"input `model` is a {name}, which has no text cross-attention blocks "
+                                             r"NASA can patch; supported: .*FLUX.1 .* and Z-Image"):
+            run(node, fakes.dit_patcher(family), neg)
