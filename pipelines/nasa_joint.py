@@ -205,23 +205,27 @@ class JointGuidanceHandle:
     SDPA / the shared-key kernel, not a backend chosen with diffusers' `set_attention_backend`."""
 
     def __init__(self, model, guidance: nasa.NegativeGuidance, construction: str = "shared"):
-        cls = type(model).__name__
-        if cls not in SUPPORTED:
-            raise ValueError(f"NASA/NAG joint attention supports {', '.join(SUPPORTED)}; got {cls}.")
+        """The same for every family's handle; `_check` (per family) refuses what the hooks cannot serve."""
         if not isinstance(guidance, nasa.NegativeGuidance):
             raise TypeError(f"`guidance` must be a core.nasa.NegativeGuidance, got {type(guidance).__name__}.")
-        if construction not in CONSTRUCTIONS:
-            raise ValueError(f"`construction` must be one of {CONSTRUCTIONS}, got {construction!r}.")
-        if _get_qkv_projections is None:
-            raise ValueError("NASA/NAG for FLUX needs diffusers ≥ 0.35.")
+        self._check(model, construction)
         self.model, self.guidance, self.construction = model, guidance, construction
         self.context = NegativeContext(guidance)
-        self.pooled_embeds = None
+        self.pooled_embeds = None  # families without a pooled text embedding keep it None
         self.state = {"batch": None, "text_len": None, "rope": None}
         self._hooks, self.original = [], None
         self.installed = not guidance_is_off(guidance)
         if self.installed:
             self._install()
+
+    def _check(self, model, construction: str) -> None:
+        cls = type(model).__name__
+        if cls not in SUPPORTED:
+            raise ValueError(f"NASA/NAG joint attention supports {', '.join(SUPPORTED)}; got {cls}.")
+        if construction not in CONSTRUCTIONS:
+            raise ValueError(f"`construction` must be one of {CONSTRUCTIONS}, got {construction!r}.")
+        if _get_qkv_projections is None:
+            raise ValueError("NASA/NAG for FLUX needs diffusers ≥ 0.35.")
 
     # ---------------------------------------------------------------- installation
     def _install(self):

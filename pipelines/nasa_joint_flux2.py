@@ -36,8 +36,7 @@ import torch
 
 from ..core import nasa
 from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, _bind, _merge, _no_mask, _rope, _rows,
-                         _get_qkv_projections, guidance_is_off, image_attention_pair, text_attention_rows)
-from .negative_context import NegativeContext
+                         _get_qkv_projections, image_attention_pair, text_attention_rows)
 
 SUPPORTED = ("Flux2Transformer2DModel",)
 STOCK_PROCESSORS = {"transformer_blocks": "Flux2AttnProcessor",
@@ -94,28 +93,21 @@ class Flux2GuidanceHandle(JointGuidanceHandle):
     `installed` is False for guidance that is off (nothing was installed) and after `remove()`. The processors run
     SDPA / the shared-key kernel, not a backend chosen with diffusers' `set_attention_backend`."""
 
+    text_ids = None  # the negative's, checked against the positive's when given
+
     def __init__(self, model, guidance: nasa.NegativeGuidance):
-        # not JointGuidanceHandle.__init__: its model check and FLUX.1 hooks do not apply; same attributes
+        super().__init__(model, guidance, "shared")  # exact here: the modulation reads the timestep only
+
+    def _check(self, model, construction: str) -> None:
         cls = type(model).__name__
         if cls not in SUPPORTED:
             raise ValueError(f"NASA/NAG for FLUX.2 supports {', '.join(SUPPORTED)}; got {cls} (FLUX.1: "
                              f"`nasa_joint.apply_joint_guidance`).")
-        if not isinstance(guidance, nasa.NegativeGuidance):
-            raise TypeError(f"`guidance` must be a core.nasa.NegativeGuidance, got {type(guidance).__name__}.")
         if _get_qkv_projections is None:  # pragma: no cover - older diffusers
             raise ValueError("NASA/NAG for FLUX.2 needs diffusers ≥ 0.36.")
         if not len(model.transformer_blocks):
             raise ValueError("NASA/NAG for FLUX.2 needs at least one dual-stream block (`num_layers` ≥ 1): the two "
                              "text streams are merged into the single-stream sequence after the last one.")
-        self.model, self.guidance, self.construction = model, guidance, "shared"
-        self.context = NegativeContext(guidance)
-        self.pooled_embeds = None  # FLUX.2 has no pooled text embedding; kept for JointGuidanceHandle.remove
-        self.text_ids = None
-        self.state = {"batch": None, "text_len": None, "rope": None}
-        self._hooks, self.original = [], None
-        self.installed = not guidance_is_off(guidance)
-        if self.installed:
-            self._install()
 
     # ---------------------------------------------------------------- installation
     def _install(self):

@@ -34,8 +34,7 @@ import torch.nn.functional as F
 
 from .. import attention_kernels
 from ..core import finite, nasa
-from .nasa_joint import JointGuidanceHandle, _bind, _merge, _rows, guidance_is_off
-from .negative_context import NegativeContext
+from .nasa_joint import JointGuidanceHandle, _bind, _merge, _rows
 
 try:  # the complex RoPE the stock Qwen-Image processor applies (use_real=False)
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
@@ -147,22 +146,14 @@ class QwenImageGuidanceHandle(JointGuidanceHandle):
     SDPA / the shared-key kernel, not a backend chosen with diffusers' `set_attention_backend`."""
 
     def __init__(self, model, guidance: nasa.NegativeGuidance):
-        # not JointGuidanceHandle.__init__: its model check and FLUX helpers do not apply; same attributes
+        super().__init__(model, guidance, "official")  # dual-stream only: one construction
+
+    def _check(self, model, construction: str) -> None:
         cls = type(model).__name__
         if cls not in SUPPORTED:
             raise ValueError(f"NASA/NAG for Qwen-Image supports {', '.join(SUPPORTED)}; got {cls}.")
-        if not isinstance(guidance, nasa.NegativeGuidance):
-            raise TypeError(f"`guidance` must be a core.nasa.NegativeGuidance, got {type(guidance).__name__}.")
         if apply_rotary_emb_qwen is None:  # pragma: no cover
             raise ValueError("NASA/NAG for Qwen-Image needs diffusers with QwenImageTransformer2DModel.")
-        self.model, self.guidance, self.construction = model, guidance, "official"
-        self.context = NegativeContext(guidance)
-        self.pooled_embeds = None  # Qwen-Image has none; kept for the parent's `remove()`
-        self.state = {"batch": None}
-        self._hooks, self.original = [], None
-        self.installed = not guidance_is_off(guidance)
-        if self.installed:
-            self._install()
 
     def _install(self):
         model = self.model

@@ -30,9 +30,8 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (JointGuidanceHandle, _bind, _merge, _rows, guidance_is_off, image_attention_pair,
+from .nasa_joint import (JointGuidanceHandle, _bind, _merge, _rows, image_attention_pair,
                          text_attention_rows)
-from .negative_context import NegativeContext
 
 SUPPORTED = ("SD3Transformer2DModel",)
 # the image AdaLN of a JointTransformerBlock → the name of its input argument
@@ -87,21 +86,13 @@ class SD3GuidanceHandle(JointGuidanceHandle):
     SDPA / the shared-key kernel, not a backend chosen with diffusers' `set_attention_backend`."""
 
     def __init__(self, model, guidance: nasa.NegativeGuidance):
-        # not JointGuidanceHandle.__init__: its model check and FLUX helpers do not apply; same attributes
+        super().__init__(model, guidance, "official")  # every block dual-stream: one construction
+
+    def _check(self, model, construction: str) -> None:
         cls = type(model).__name__
         if cls not in SUPPORTED:
             raise ValueError(f"NASA/NAG for SD3 supports {', '.join(SUPPORTED)}; got {cls} (FLUX.1: "
                              f"`nasa_joint.apply_joint_guidance`).")
-        if not isinstance(guidance, nasa.NegativeGuidance):
-            raise TypeError(f"`guidance` must be a core.nasa.NegativeGuidance, got {type(guidance).__name__}.")
-        self.model, self.guidance, self.construction = model, guidance, "official"
-        self.context = NegativeContext(guidance)
-        self.pooled_embeds = None
-        self.state = {"batch": None, "text_len": None, "rope": None}
-        self._hooks, self.original = [], None
-        self.installed = not guidance_is_off(guidance)
-        if self.installed:
-            self._install()
 
     def _install(self):
         model = self.model
