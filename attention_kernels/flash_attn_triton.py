@@ -45,27 +45,8 @@ def _attend(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, strid
             HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
             HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
     """softmax(q·Kᵀ)·V for one query tile [BM, D], by an online softmax over all K/V tiles (fp32 accumulation)."""
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    offs_n = tl.arange(0, BLOCK_N)
-    d_ok = offs_d < HEAD_DIM
-    for start_n in range(0, LK, BLOCK_N):
-        cols = start_n + offs_n
-        n_ok = cols < LK
-        k = tl.load(K + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
-                    mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # [D, BN]
-        qk = tl.dot(q, k, input_precision=PRECISION) * qk_scale  # [BM, BN], log2 units
-        if HAS_MASK:
-            bias = tl.load(bias_ptr + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
-            qk = qk + bias[None, :] * 1.4426950408889634
-        p, alpha, m_ij = _softmax_step(qk, n_ok, m_i)
-        acc = acc * alpha[:, None]
-        v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                    mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
-        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        m_i = m_ij
+    acc, m_i, l_i = _kv_state(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale,
+                              offs_d, HEAD_DIM, BLOCK_M, BLOCK_D, BLOCK_N, HAS_MASK, PRECISION)
     return acc / l_i[:, None]
 
 
@@ -392,9 +373,9 @@ def flash_attention_fp8(q, k, v, scale=None, qk_format: str = "int8", config: di
 def _kv_state(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, stride_bn, LK, qk_scale, offs_d,
               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_MASK: tl.constexpr, PRECISION: tl.constexpr):
-    """`_attend`'s loop, returning the unnormalised state (acc [BM, D], m [BM], l [BM], log2 units) for `_merge`.
-    A row whose keys so far are all masked (a fully padded text prefix, or a left-padded first tile) keeps
-    m = −inf, l = 0, acc = 0 instead of NaN: the exponent is taken against 0 there (2^(−inf − 0) = 0)."""
+    """The online softmax over all K/V tiles, returning its unnormalised state (acc [BM, D], m [BM], l [BM], log2
+    units): `_attend` divides it out, `_merge` combines two. A row whose keys so far are all masked (a fully padded
+    text prefix, or a left-padded first tile) keeps m = −inf, l = 0, acc = 0 (`_softmax_step`)."""
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -409,11 +390,7 @@ def _kv_state(q, K, V, bias_ptr, stride_kn, stride_kd, stride_vn, stride_vd, str
         if HAS_MASK:
             bias = tl.load(bias_ptr + cols * stride_bn, mask=n_ok, other=0.0).to(tl.float32)
             qk = qk + bias[None, :] * 1.4426950408889634
-        qk = tl.where(n_ok[None, :], qk, float("-inf"))
-        m_ij = tl.maximum(m_i, tl.max(qk, 1))
-        m_ref = tl.where(m_ij == float("-inf"), 0.0, m_ij)
-        p = tl.math.exp2(qk - m_ref[:, None])  # [BM, BN]
-        alpha = tl.math.exp2(m_i - m_ref)
+        p, alpha, m_ij = _softmax_step(qk, n_ok, m_i)  # [BM, BN], [BM], [BM]
         acc = acc * alpha[:, None]
         v = tl.load(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # [BN, D]
