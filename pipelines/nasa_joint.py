@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from .. import attention_kernels
 from ..core import finite, nasa
-from .negative_context import NegativeContext
+from .negative_context import NegativeContext, negative_rows
 
 try:  # diffusers ≥ 0.35 keeps the projection helper and the rotary embedding here
     from diffusers.models.embeddings import apply_rotary_emb
@@ -177,14 +177,6 @@ class FluxSharedSingleProcessor:
 
 
 # ---------------------------------------------------------------- the handle
-def _rows(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0]:
-        raise ValueError(f"negative `{name}` has batch {t.shape[0]}, which does not divide the model batch {batch}.")
-    return t.repeat_interleave(batch // t.shape[0], dim=0)
-
-
 @functools.lru_cache(maxsize=None)
 def _signature(forward) -> inspect.Signature:
     return inspect.signature(forward)
@@ -326,14 +318,14 @@ class JointGuidanceHandle:
             raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
                              f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (the two text "
                              f"streams run as one batch; FLUX also shares the text ids).")
-        neg = _rows(neg, b, "prompt_embeds").to(pos)
+        neg = negative_rows(neg, b, "prompt_embeds").to(pos)
         if self.pooled_embeds is None:
             neg_pooled = pooled
         else:
             if self.pooled_embeds.shape[1] != pooled.shape[1]:
                 raise ValueError(f"negative `pooled_embeds` has width {self.pooled_embeds.shape[1]}, the positive "
                                  f"{pooled.shape[1]}.")
-            neg_pooled = _rows(self.pooled_embeds, b, "pooled_embeds").to(pooled)
+            neg_pooled = negative_rows(self.pooled_embeds, b, "pooled_embeds").to(pooled)
         kw["encoder_hidden_states"] = torch.cat([pos, neg])
         kw["pooled_projections"] = torch.cat([pooled, neg_pooled])
         for name in ("timestep", "guidance"):

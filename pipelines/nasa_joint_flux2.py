@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, _bind, _merge, _no_mask, _rope, _rows,
+from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, _bind, _merge, _no_mask, _rope,
                          _get_qkv_projections, image_attention_pair, text_attention_rows)
+from .negative_context import negative_rows
 
 SUPPORTED = ("Flux2Transformer2DModel",)
 STOCK_PROCESSORS = {"transformer_blocks": "Flux2AttnProcessor",
@@ -176,7 +177,7 @@ class Flux2GuidanceHandle(JointGuidanceHandle):
                 raise ValueError("negative `text_ids` differ from the positive `txt_ids`: both text streams use the "
                                  "rotary table of `txt_ids`; encode both prompts with the same pipeline and "
                                  "max_sequence_length.")
-        kw["encoder_hidden_states"] = torch.cat([pos, _rows(neg, b, "prompt_embeds").to(pos)])
+        kw["encoder_hidden_states"] = torch.cat([pos, negative_rows(neg, b, "prompt_embeds").to(pos)])
         self.state.update(batch=b, text_len=pos.shape[1], rope=None)
         return (), kw
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from .. import attention_kernels
 from ..core import finite, nasa
-from .nasa_joint import JointGuidanceHandle, _bind, _merge, _rows
+from .nasa_joint import JointGuidanceHandle, _bind, _merge
+from .negative_context import negative_rows
 
 try:  # the complex RoPE the stock Qwen-Image processor applies (use_real=False)
     from diffusers.models.transformers.transformer_qwenimage import apply_rotary_emb_qwen
@@ -211,8 +212,8 @@ class QwenImageGuidanceHandle(JointGuidanceHandle):
         if neg.shape[2] != pos.shape[2]:
             raise ValueError(f"negative `prompt_embeds` has width {neg.shape[2]}, the positive {pos.shape[2]} (the "
                              f"text encoder's hidden size).")
-        neg = _rows(neg, b, "prompt_embeds").to(pos)
-        neg_mask = None if neg_mask is None else _rows(neg_mask, b, "prompt_embeds_mask")
+        neg = negative_rows(neg, b, "prompt_embeds").to(pos)
+        neg_mask = None if neg_mask is None else negative_rows(neg_mask, b, "prompt_embeds_mask")
         t = max(t_pos, t_neg)
         mask = None
         if pos_mask is not None or neg_mask is not None or t_pos != t_neg:

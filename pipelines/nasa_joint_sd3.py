@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (JointGuidanceHandle, _bind, _merge, _rows, image_attention_pair,
+from .nasa_joint import (JointGuidanceHandle, _bind, _merge, image_attention_pair,
                          text_attention_rows)
 
 SUPPORTED = ("SD3Transformer2DModel",)

@@ -20,21 +20,13 @@ import torch
 from .. import attention_kernels
 from ..core import nasa
 from .attention_processor import SwiftStepAttnProcessor
-from .negative_context import NegativeContext
+from .negative_context import NegativeContext, negative_rows
 
 SUPPORTED = ("UNet2DConditionModel", "PixArtTransformer2DModel", "SanaTransformer2DModel",
              "FluxTransformer2DModel (experimental)")
 JOINT_ATTENTION = ("SD3Transformer2DModel", "QwenImageTransformer2DModel",
                    "HunyuanVideoTransformer3DModel", "WanTransformer3DModel", "AuraFlowTransformer2DModel")
 MODES = nasa.MODES
-
-
-def _batch(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
-    if t.shape[0] == batch:
-        return t
-    if batch % t.shape[0]:
-        raise ValueError(f"negative {name} has batch {t.shape[0]}, which does not divide the model batch {batch}.")
-    return t.repeat_interleave(batch // t.shape[0], dim=0)
 
 
 class NASAAttnProcessor(SwiftStepAttnProcessor):
@@ -52,7 +44,7 @@ class NASAAttnProcessor(SwiftStepAttnProcessor):
         cached = ctx._kv.get(id(attn))
         if cached is not None and cached[0].shape[0] == batch and cached[0].dtype == dtype:
             return cached
-        neg = _batch(ctx.encoder_hidden_states, batch, "prompt embeddings").to(device=device, dtype=dtype)
+        neg = negative_rows(ctx.encoder_hidden_states, batch, "prompt embeddings").to(device=device, dtype=dtype)
         if attn.norm_cross:  # Algorithm 1 normalises both contexts
             neg = attn.norm_encoder_hidden_states(neg)
         key, value = attn.to_k(neg), attn.to_v(neg)
@@ -68,7 +60,7 @@ class NASAAttnProcessor(SwiftStepAttnProcessor):
         mask = self.context.attention_mask
         if mask is None:
             return None
-        mask = _batch(mask, batch, "attention mask").to(dtype)
+        mask = negative_rows(mask, batch, "attention mask").to(dtype)
         bias = ((1.0 - mask) * -10000.0).unsqueeze(1)  # [B, 1, L−], the additive form diffusers' models build
         bias = attn.prepare_attention_mask(bias, mask.shape[-1], batch)
         return bias.view(batch, attn.heads, -1, bias.shape[-1])

@@ -38,3 +38,12 @@ class NegativeContext:
 
     def combine(self, z_pos: torch.Tensor, z_neg: torch.Tensor) -> torch.Tensor:
         return self.guidance.combine(z_pos, z_neg)
+
+
+def negative_rows(t: torch.Tensor, batch: int, name: str) -> torch.Tensor:
+    """A negative input with 1 or B rows, repeated to the model batch `batch` (each prompt's images share its row)."""
+    if t.shape[0] == batch:
+        return t
+    if batch % t.shape[0]:
+        raise ValueError(f"negative `{name}` has batch {t.shape[0]}, which does not divide the model batch {batch}.")
+    return t.repeat_interleave(batch // t.shape[0], dim=0)
