@@ -22,8 +22,9 @@ code's construction, ChenDarYen/Normalized-Attention-Guidance `src/transformer_f
     negative pooled temb in these blocks; here they share the positive temb. When both prompts have the same pooled
     embedding, or the model has no single blocks, "shared" equals "official".
 
-The image queries' (Z+, Z−) come from `attention_kernels.prefix_dual_attention` where it exists (one pass over the
-image keys, two softmax states for the two text prefixes), else from two SDPA calls over the concatenated keys.
+The image queries' (Z+, Z−) come from `attention_kernels.prefix_dual_attention` (one pass over the
+image keys, two softmax states for the two text prefixes; Triton where dispatch picks it, else its exact SDPA
+reference).
 Everything is installed with forward hooks and attention processors (no subclass, no copied diffusers code);
 `remove()` restores both. Guidance that is off (NASA α = 0, NAG scale 1) installs nothing, so it is bit-identical.
 
@@ -60,25 +61,26 @@ def guidance_is_off(guidance: nasa.NegativeGuidance) -> bool:
 
 
 # ---------------------------------------------------------------- attention over [txt±, img] (layout [B, H, L, D])
-def image_attention_pair(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg):
-    """(Z+, Z−) of the image queries q [B, H, N, D] over [K_txt+; K_img] and [K_txt−; K_img]: the shared-key kernel
-    where attention_kernels has it (Q·K_imgᵀ once), else two SDPA calls (exact)."""
-    if hasattr(attention_kernels, "prefix_dual_attention"):
-        return attention_kernels.prefix_dual_attention(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg)
-    z_pos = F.scaled_dot_product_attention(q, torch.cat([k_pos, k_img], 2), torch.cat([v_pos, v_img], 2))
-    z_neg = F.scaled_dot_product_attention(q, torch.cat([k_neg, k_img], 2), torch.cat([v_neg, v_img], 2))
-    return z_pos, z_neg
+def image_attention_pair(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos=None, mask_neg=None):
+    """(Z+, Z−) of the image queries q [B, H, N, D] over [K_txt+; K_img] and [K_txt−; K_img] (each text prefix with
+    its bool key mask [B, T±], True = attend, or None), the image keys scored once: the shared-key kernel
+    (`attention_kernels.prefix_dual_attention`, Triton where dispatch picks it, else its exact SDPA reference)."""
+    return attention_kernels.prefix_dual_attention(q, k_img, v_img, k_pos, v_pos, k_neg, v_neg, mask_pos=mask_pos,
+                                                   mask_neg=mask_neg)
 
 
-def text_attention_rows(q_txt, k_txt, v_txt, k_img, v_img):
+def text_attention_rows(q_txt, k_txt, v_txt, k_img, v_img, mask=None):
     """Each text stream over its own [K_txt; K_img]: q/k/v_txt [2B, H, T, D] (rows [pos; neg]), image keys
-    [B, H, N, D] shared by both streams. One SDPA call on 2B rows."""
+    [B, H, N, D] shared by both streams, `mask` [2B, T] bool over the text keys (True = attend) or None. One SDPA
+    call on 2B rows."""
     k = torch.cat([k_txt, k_img.repeat(2, 1, 1, 1)], dim=2)
     v = torch.cat([v_txt, v_img.repeat(2, 1, 1, 1)], dim=2)
-    return F.scaled_dot_product_attention(q_txt, k, v)
+    if mask is not None:
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], k_img.shape[2])], dim=1)[:, None, None, :]
+    return F.scaled_dot_product_attention(q_txt, k, v, attn_mask=mask)
 
 
-def _merge(z, dtype):  # [B, H, L, D] → [B, L, H·D]
+def merge_heads(z, dtype):  # [B, H, L, D] → [B, L, H·D]
     return z.transpose(1, 2).flatten(2, 3).to(dtype)
 
 
@@ -94,14 +96,14 @@ def _projections(attn, hidden_states, encoder_hidden_states=None):
     return q, k, v, attn.norm_added_q(eq), attn.norm_added_k(ek), ev
 
 
-def _rope(x, freqs, start, stop):
+def rope_rows(x, freqs, start, stop):
     """RoPE on x [B, L, H, D] with rows [start:stop] of the (cos, sin) table, as FluxAttnProcessor applies it."""
     if freqs is None:
         return x
     return apply_rotary_emb(x, tuple(f[start:stop] for f in freqs), sequence_dim=1)
 
 
-def _no_mask(attention_mask):
+def refuse_mask(attention_mask):
     if attention_mask is not None:
         raise ValueError("NASA/NAG joint attention takes no `attention_mask` (FLUX uses none).")
 
@@ -118,19 +120,19 @@ class FluxJointGuidanceProcessor:
         self.guidance = guidance
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        _no_mask(attention_mask)
+        refuse_mask(attention_mask)
         b, t = hidden_states.shape[0], encoder_hidden_states.shape[1]
         if encoder_hidden_states.shape[0] != 2 * b:
             raise ValueError(f"NASA/NAG joint attention expects 2·{b} text rows (positive and negative stream), got "
                              f"{encoder_hidden_states.shape[0]}: run the transformer with the hooks of "
                              f"`apply_joint_guidance` installed.")
         q, k, v, eq, ek, ev = _projections(attn, hidden_states, encoder_hidden_states)
-        q, k = _rope(q, image_rotary_emb, t, None), _rope(k, image_rotary_emb, t, None)  # [B, N, H, D]
-        eq, ek = _rope(eq, image_rotary_emb, 0, t), _rope(ek, image_rotary_emb, 0, t)  # [2B, T, H, D]
+        q, k = rope_rows(q, image_rotary_emb, t, None), rope_rows(k, image_rotary_emb, t, None)  # [B, N, H, D]
+        eq, ek = rope_rows(eq, image_rotary_emb, 0, t), rope_rows(ek, image_rotary_emb, 0, t)  # [2B, T, H, D]
         q, k, v, eq, ek, ev = (x.transpose(1, 2) for x in (q, k, v, eq, ek, ev))
         z_pos, z_neg = image_attention_pair(q, k, v, ek[:b], ev[:b], ek[b:], ev[b:])
-        image = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
-        text = _merge(text_attention_rows(eq, ek, ev, k, v), q.dtype)
+        image = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
+        text = merge_heads(text_attention_rows(eq, ek, ev, k, v), q.dtype)
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         return image, attn.to_add_out(text.contiguous())
 
@@ -144,14 +146,14 @@ class FluxOfficialSingleProcessor:
         self.guidance, self.state = guidance, state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        _no_mask(attention_mask)
+        refuse_mask(attention_mask)
         t, b = self.state["text_len"], hidden_states.shape[0] // 2
         q, k, v = _projections(attn, hidden_states)
-        q, k = _rope(q, image_rotary_emb, 0, None), _rope(k, image_rotary_emb, 0, None)
+        q, k = rope_rows(q, image_rotary_emb, 0, None), rope_rows(k, image_rotary_emb, 0, None)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         z = F.scaled_dot_product_attention(q, k, v)  # [2B, H, T + N, D]: the image keys differ per row here
-        mix = self.guidance.combine(_merge(z[:b, :, t:], q.dtype), _merge(z[b:, :, t:], q.dtype))
-        text = _merge(z[:, :, :t], q.dtype)
+        mix = self.guidance.combine(merge_heads(z[:b, :, t:], q.dtype), merge_heads(z[b:, :, t:], q.dtype))
+        text = merge_heads(z[:, :, :t], q.dtype)
         return torch.cat([text, torch.cat([mix, mix], dim=0)], dim=1)
 
 
@@ -163,28 +165,28 @@ class FluxSharedSingleProcessor:
         self.guidance, self.state = guidance, state
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, image_rotary_emb=None):
-        _no_mask(attention_mask)
+        refuse_mask(attention_mask)
         t, b = self.state["text_len"], hidden_states.shape[0]
         q, k, v = _projections(attn, hidden_states)  # [B, 2T + N, H, D]
-        q, k = _rope(q, image_rotary_emb, 0, None), _rope(k, image_rotary_emb, 0, None)  # the extended table
+        q, k = rope_rows(q, image_rotary_emb, 0, None), rope_rows(k, image_rotary_emb, 0, None)  # the extended table
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))
         (qp, qn, qi), (kp, kn, ki), (vp, vn, vi) = (x.split_with_sizes([t, t, x.shape[2] - 2 * t], dim=2)
                                                     for x in (q, k, v))
         z_pos, z_neg = image_attention_pair(qi, ki, vi, kp, vp, kn, vn)
-        mix = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
+        mix = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
         text = text_attention_rows(torch.cat([qp, qn]), torch.cat([kp, kn]), torch.cat([vp, vn]), ki, vi)
-        return torch.cat([_merge(text[:b], q.dtype), _merge(text[b:], q.dtype), mix], dim=1)
+        return torch.cat([merge_heads(text[:b], q.dtype), merge_heads(text[b:], q.dtype), mix], dim=1)
 
 
 # ---------------------------------------------------------------- the handle
 @functools.lru_cache(maxsize=None)
-def _signature(forward) -> inspect.Signature:
+def forward_signature(forward) -> inspect.Signature:
     return inspect.signature(forward)
 
 
-def _bind(module, args, kwargs) -> dict:
+def call_arguments(module, args, kwargs) -> dict:
     """A module call's arguments by name (the class's `forward`: wrappers such as offload hooks hide it)."""
-    arguments = _signature(type(module).forward).bind(module, *args, **kwargs).arguments
+    arguments = forward_signature(type(module).forward).bind(module, *args, **kwargs).arguments
     arguments.pop(next(iter(arguments)))  # self
     return dict(arguments)
 
@@ -309,7 +311,7 @@ class JointGuidanceHandle:
         if neg is None:
             raise ValueError("NASA/NAG joint attention: call `set_negative(prompt_embeds, pooled_embeds)` before "
                              "running the transformer.")
-        kw = _bind(module, args, kwargs)
+        kw = call_arguments(module, args, kwargs)
         pos, pooled = kw["encoder_hidden_states"], kw["pooled_projections"]
         b = kw["hidden_states"].shape[0]
         if pos.shape[0] != b:
@@ -351,7 +353,7 @@ class JointGuidanceHandle:
         as the official code's Trunc* norms."""
 
         def hook(module, args, kwargs):
-            kw = _bind(module, args, kwargs)
+            kw = call_arguments(module, args, kwargs)
             x, emb = kw[x_name], kw.get(emb_name)
             if emb is None or emb.shape[0] == x.shape[0]:
                 return None
@@ -362,7 +364,7 @@ class JointGuidanceHandle:
 
     def _tile_image(self, block, args, kwargs):
         """Official construction, before the first single block: the image stream tiled to [img; img] (2B)."""
-        kw = _bind(block, args, kwargs)
+        kw = call_arguments(block, args, kwargs)
         img = kw["hidden_states"]
         if 2 * img.shape[0] == kw["encoder_hidden_states"].shape[0]:
             kw["hidden_states"] = torch.cat([img, img])
@@ -371,7 +373,7 @@ class JointGuidanceHandle:
     def _one_row_two_texts(self, block, args, kwargs):
         """Shared construction, before each single block: text [pos; neg] (2B × T) → [txt+, txt−] (B × 2T), the
         positive temb for all tokens, the rotary table extended by the text positions for the second copy."""
-        kw = _bind(block, args, kwargs)
+        kw = call_arguments(block, args, kwargs)
         txt, b, t = kw["encoder_hidden_states"], self.state["batch"], self.state["text_len"]
         kw["encoder_hidden_states"] = torch.cat([txt[:b], txt[b:]], dim=1)
         kw["temb"] = kw["temb"][:b]

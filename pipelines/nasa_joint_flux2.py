@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, _bind, _merge, _no_mask, _rope,
+from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, call_arguments, merge_heads, refuse_mask, rope_rows,
                          _get_qkv_projections, image_attention_pair, text_attention_rows)
 from .negative_context import negative_rows
 
@@ -54,7 +54,7 @@ class Flux2SharedSingleProcessor:
         self.guidance, self.state = guidance, state
 
     def __call__(self, attn, hidden_states, attention_mask=None, image_rotary_emb=None):
-        _no_mask(attention_mask)
+        refuse_mask(attention_mask)
         t, b, length = self.state.get("text_len"), hidden_states.shape[0], hidden_states.shape[1]
         if t is None or length <= 2 * t or (image_rotary_emb is not None
                                             and image_rotary_emb[0].shape[0] != length - t):
@@ -67,14 +67,14 @@ class Flux2SharedSingleProcessor:
         if image_rotary_emb is not None:
             if self.state.get("rope") is None:  # once per forward: every single block gets the same table
                 self.state["rope"] = tuple(torch.cat([f[:t], f[:t], f[t:]]) for f in image_rotary_emb)
-            q, k = _rope(q, self.state["rope"], 0, None), _rope(k, self.state["rope"], 0, None)
+            q, k = rope_rows(q, self.state["rope"], 0, None), rope_rows(k, self.state["rope"], 0, None)
         q, k, v = (x.transpose(1, 2) for x in (q, k, v))  # [B, H, 2T + N, D]
         sizes = [t, t, length - 2 * t]
         (qp, qn, qi), (kp, kn, ki), (vp, vn, vi) = (x.split_with_sizes(sizes, dim=2) for x in (q, k, v))
         z_pos, z_neg = image_attention_pair(qi, ki, vi, kp, vp, kn, vn)
-        mix = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
+        mix = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
         text = text_attention_rows(torch.cat([qp, qn]), torch.cat([kp, kn]), torch.cat([vp, vn]), ki, vi)
-        out = torch.cat([_merge(text[:b], q.dtype), _merge(text[b:], q.dtype), mix], dim=1)
+        out = torch.cat([merge_heads(text[:b], q.dtype), merge_heads(text[b:], q.dtype), mix], dim=1)
         return attn.to_out(torch.cat([out, attn.mlp_act_fn(mlp)], dim=-1))
 
 
@@ -160,7 +160,7 @@ class Flux2GuidanceHandle(JointGuidanceHandle):
         neg = self.context.encoder_hidden_states
         if neg is None:
             raise ValueError("NASA/NAG on FLUX.2: call `set_negative(prompt_embeds)` before running the transformer.")
-        kw = _bind(module, args, kwargs)
+        kw = call_arguments(module, args, kwargs)
         if kw.get("kv_cache_mode") is not None or kw.get("kv_cache") is not None:
             raise ValueError("NASA/NAG on FLUX.2 does not take `kv_cache_mode` / `kv_cache` (the reference-image KV "
                              "cache of Flux2KleinKVPipeline).")

@@ -32,9 +32,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import attention_kernels
 from ..core import finite, nasa
-from .nasa_joint import JointGuidanceHandle, _bind, _merge
+from .nasa_joint import JointGuidanceHandle, call_arguments, image_attention_pair, merge_heads, text_attention_rows
 from .negative_context import negative_rows
 
 try:  # the complex RoPE the stock Qwen-Image processor applies (use_real=False)
@@ -44,16 +43,6 @@ except ImportError:  # pragma: no cover - diffusers without Qwen-Image
 
 SUPPORTED = ("QwenImageTransformer2DModel",)
 STOCK_PROCESSOR = "QwenDoubleStreamAttnProcessor2_0"
-
-
-def _text_over_own_prefix(q_txt, k_txt, v_txt, k_img, v_img, mask):
-    """Each text stream over its own [K_txt; K_img]: q/k/v_txt [2B, H, T, D] (rows [pos; neg]), image keys
-    [B, H, N, D] shared by both streams, `mask` [2B, T] bool (True = attend) or None. One SDPA call on 2B rows."""
-    k = torch.cat([k_txt, k_img.repeat(2, 1, 1, 1)], dim=2)
-    v = torch.cat([v_txt, v_img.repeat(2, 1, 1, 1)], dim=2)
-    if mask is not None:
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], k_img.shape[2])], dim=1)[:, None, None, :]
-    return F.scaled_dot_product_attention(q_txt, k, v, attn_mask=mask)
 
 
 class QwenJointGuidanceProcessor:
@@ -97,13 +86,13 @@ class QwenJointGuidanceProcessor:
         q, k, v, eq, ek, ev = (x.transpose(1, 2) for x in (q, k, v, eq, ek, ev))
         mask = None if encoder_hidden_states_mask is None else encoder_hidden_states_mask.bool()
         m_pos, m_neg = (None, None) if mask is None else (mask[:b], mask[b:])
-        z_pos, z_neg = attention_kernels.prefix_dual_attention(q, k, v, ek[:b], ev[:b], ek[b:], ev[b:],
-                                                               mask_pos=m_pos, mask_neg=m_neg)
-        image = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
+        z_pos, z_neg = image_attention_pair(q, k, v, ek[:b], ev[:b], ek[b:], ev[b:], mask_pos=m_pos,
+                                            mask_neg=m_neg)
+        image = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
         image = attn.to_out[0](image.contiguous())
         if len(attn.to_out) > 1:  # dropout
             image = attn.to_out[1](image)
-        text = _merge(_text_over_own_prefix(eq, ek, ev, k, v, mask), q.dtype)
+        text = merge_heads(text_attention_rows(eq, ek, ev, k, v, mask), q.dtype)
         return image, attn.to_add_out(text.contiguous())
 
 
@@ -199,7 +188,7 @@ class QwenImageGuidanceHandle(JointGuidanceHandle):
         if neg is None:
             raise ValueError("NASA/NAG joint attention: call `set_negative(prompt_embeds, prompt_embeds_mask)` before "
                              "running the transformer.")
-        kw = _bind(module, args, kwargs)
+        kw = call_arguments(module, args, kwargs)
         pos, pos_mask, b = kw.get("encoder_hidden_states"), kw.get("encoder_hidden_states_mask"), \
             kw["hidden_states"].shape[0]
         if pos is None or pos.shape[0] != b:

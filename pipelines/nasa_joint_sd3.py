@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (JointGuidanceHandle, _bind, _merge, image_attention_pair,
+from .nasa_joint import (JointGuidanceHandle, image_attention_pair, merge_heads,
                          text_attention_rows)
 
 SUPPORTED = ("SD3Transformer2DModel",)
@@ -68,11 +68,11 @@ class SD3JointGuidanceProcessor:
         if attn.norm_added_q is not None:
             eq, ek = attn.norm_added_q(eq), attn.norm_added_k(ek)
         z_pos, z_neg = image_attention_pair(q, k, v, ek[:b], ev[:b], ek[b:], ev[b:])
-        image = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
+        image = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
         image = attn.to_out[1](attn.to_out[0](image.contiguous()))
         if attn.context_pre_only:  # the last block drops the text stream: its queries are never needed
             return image, None
-        text = _merge(text_attention_rows(eq, ek, ev, k, v), q.dtype)
+        text = merge_heads(text_attention_rows(eq, ek, ev, k, v), q.dtype)
         return image, attn.to_add_out(text.contiguous())
 
 

@@ -37,9 +37,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import attention_kernels
 from ..core import finite, nasa
-from .nasa_joint import _bind, _merge, _signature, guidance_is_off
+from .nasa_joint import call_arguments, forward_signature, guidance_is_off, image_attention_pair, merge_heads
 
 try:  # the Lumina-style complex RoPE Z-Image's processor applies (use_real=False)
     from diffusers.models.embeddings import apply_rotary_emb
@@ -79,9 +78,8 @@ class ZImageJointGuidanceProcessor:
         m_pos = m_neg = None
         if attention_mask is not None:
             _, m_pos, m_neg = attention_mask.bool().split_with_sizes(sizes, dim=1)  # the image is never padded
-        z_pos, z_neg = attention_kernels.prefix_dual_attention(qi, ki, vi, kp, vp, kn, vn, mask_pos=m_pos,
-                                                               mask_neg=m_neg)
-        image = self.guidance.combine(_merge(z_pos, q.dtype), _merge(z_neg, q.dtype))
+        z_pos, z_neg = image_attention_pair(qi, ki, vi, kp, vp, kn, vn, mask_pos=m_pos, mask_neg=m_neg)
+        image = self.guidance.combine(merge_heads(z_pos, q.dtype), merge_heads(z_neg, q.dtype))
         # cap+ over [img, cap+]: the stock layer's own attention for these rows
         text_pos = F.scaled_dot_product_attention(qp, k[:, :, :s], v[:, :, :s],
                                                   attn_mask=_sdpa_keys(None if attention_mask is None
@@ -89,7 +87,7 @@ class ZImageJointGuidanceProcessor:
         m_img_neg = None if m_neg is None else torch.cat([m_neg.new_ones(m_neg.shape[0], n), m_neg], dim=1)
         text_neg = F.scaled_dot_product_attention(qn, torch.cat([ki, kn], 2), torch.cat([vi, vn], 2),
                                                   attn_mask=_sdpa_keys(m_img_neg))
-        out = torch.cat([image, _merge(text_pos, q.dtype), _merge(text_neg, q.dtype)], dim=1)
+        out = torch.cat([image, merge_heads(text_pos, q.dtype), merge_heads(text_neg, q.dtype)], dim=1)
         out = attn.to_out[0](out)
         if len(attn.to_out) > 1:  # dropout
             out = attn.to_out[1](out)
@@ -205,7 +203,7 @@ class ZImageGuidanceHandle:
             return None
         if self.cap_feats is None:
             raise ValueError("NASA/NAG on Z-Image: call `set_negative(cap_feats)` before running the transformer.")
-        kw = _bind(module, args, kwargs)
+        kw = call_arguments(module, args, kwargs)
         x, caps = kw["x"], kw["cap_feats"]
         if isinstance(x[0], (list, tuple)):
             raise ValueError("NASA/NAG on Z-Image takes the basic mode's `x` (a list of latents), not the omni mode's "
@@ -218,13 +216,13 @@ class ZImageGuidanceHandle:
             raise ValueError(f"negative `cap_feats` has {len(negatives)} prompts; expected 1 or one per sample ({b}).")
         negatives = [c.to(device=caps[0].device, dtype=caps[0].dtype) for c in negatives]
         passed = {k: kw[k] for k in ("patch_size", "f_patch_size", "joint_attention_kwargs") if k in kw}
-        defaults = _signature(type(module).forward).parameters
+        defaults = forward_signature(type(module).forward).parameters
         p, f = (passed.get(k, defaults[k].default) for k in ("patch_size", "f_patch_size"))
         dummy = [x[0].new_zeros(x[0].shape[0], f, p, p)] * len(negatives)  # 1 patch: the noise refiner runs on ~32
         captured = {}
 
         def capture(layer, layer_args, layer_kwargs, output):
-            a = _bind(layer, layer_args, layer_kwargs)
+            a = call_arguments(layer, layer_args, layer_kwargs)
             captured.update(feats=output, mask=a["attn_mask"], freqs=a["freqs_cis"])
             raise _CaptionsRefined
 
@@ -256,7 +254,7 @@ class ZImageGuidanceHandle:
         """noise_refiner[0] pre-hook: the image token count (patches padded to the model's multiple)."""
         if self.state["encoding"]:
             return None
-        a = _bind(layer, args, kwargs)
+        a = call_arguments(layer, args, kwargs)
         if a.get("attn_mask") is not None:
             raise ValueError("NASA/NAG on Z-Image needs latents of one size within a batch (`x`); got images with "
                              "different token counts.")
@@ -267,7 +265,7 @@ class ZImageGuidanceHandle:
         extended mask and RoPE table; every layer gets those (the forward hands each its [img, cap+] ones)."""
 
         def hook(layer, args, kwargs):
-            a = _bind(layer, args, kwargs)
+            a = call_arguments(layer, args, kwargs)
             if a.get("noise_mask") is not None:  # pragma: no cover - omni mode is rejected before
                 raise ValueError("NASA/NAG on Z-Image does not take per-token noise masks (omni mode).")
             if first:

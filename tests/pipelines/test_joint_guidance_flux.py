@@ -7,7 +7,6 @@ write attention out as softmax(QKᵀ/√d)V and RoPE out from its formula, and w
 positive temb rows as the official `Trunc*` norms do. Nothing of `nasa_joint` is called by them."""
 
 import copy
-import math
 
 import pytest
 import torch
@@ -20,6 +19,7 @@ from swiftstep.pipelines.nasa_joint import FluxJointGuidanceProcessor, apply_joi
 from ..dit_fixtures import write_folder
 from ..dit_fixtures.flux_sd3 import _perturb_constants, build_flux
 from ..tolerance import assert_close_to_scale
+from .joint_reference import TruncNorm, heads, hooks_of, mix_reference, rope, softmax_attention
 
 NAG = NegativeGuidance.checked("nag", nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2)  # official FLUX example
 NAG_CLIPPING = NegativeGuidance.checked("nag", nag_scale=9.0, nag_tau=1.2, nag_alpha=0.7, nag_norm=2)  # τ binds
@@ -78,42 +78,6 @@ def guided(model, x, guidance, neg, construction="shared"):
 
 
 # ---------------------------------------------------------------- the references (float64, written from the papers)
-def nag_reference(z_pos, z_neg, g: NegativeGuidance):
-    """attention_flux_nag.py: z_g = s·Z+ − (s−1)·Z−, r = ‖z_g‖₂/‖Z+‖₂ per token over the merged heads,
-    z_g·min(r, τ)/r, α·z_g + (1−α)·Z+."""
-    z_g = z_pos * g.nag_scale - z_neg * (g.nag_scale - 1)
-    r = z_g.norm(p=2, dim=-1, keepdim=True) / z_pos.norm(p=2, dim=-1, keepdim=True)
-    z_g = z_g * torch.minimum(r, torch.full_like(r, g.nag_tau)) / r
-    return z_g * g.nag_alpha + z_pos * (1 - g.nag_alpha)
-
-
-def mix_reference(g: NegativeGuidance | None):
-    if g is None:  # no guidance: the positive branch only
-        return lambda z_pos, z_neg: z_pos
-    if g.mode == "nasa":
-        return lambda z_pos, z_neg: z_pos - g.alpha * z_neg  # SNOOPI eq. 9
-    return lambda z_pos, z_neg: nag_reference(z_pos, z_neg, g)
-
-
-def rope(x, cos, sin):
-    """FLUX RoPE on x [R, L, H, D]: pairs (x₂ᵢ, x₂ᵢ₊₁) rotated by the angle whose cos/sin the table holds."""
-    pairs = x.unflatten(-1, (-1, 2))
-    rotated = torch.stack([-pairs[..., 1], pairs[..., 0]], dim=-1).flatten(-2)
-    return x * cos[None, :, None] + rotated * sin[None, :, None]
-
-
-def softmax_attention(q, k, v, allowed=None):
-    """softmax(q·kᵀ/√d [+ −∞ where not allowed])·v, [R, L, H, D] in, [R, Lq, H·D] out."""
-    s = torch.einsum("rqhd,rkhd->rhqk", q, k) / math.sqrt(q.shape[-1])
-    if allowed is not None:
-        s = s.masked_fill(~allowed, -math.inf)
-    return torch.einsum("rhqk,rkhd->rqhd", torch.softmax(s, dim=-1), v).flatten(2)
-
-
-def heads(attn, x):
-    return x.unflatten(-1, (attn.heads, -1))
-
-
 class OfficialDouble:
     """The official dual-stream attention: image q/k/v tiled ×2 against the 2B text rows, full attention per row
     over [txt±, img], the image output of the positive row replaced by the mix, both text outputs kept."""
@@ -169,17 +133,6 @@ class SharedSingle:
         z_pos = softmax_attention(q, k, v, (kind[None, :] != 1).expand(s, s))
         z_neg = softmax_attention(q, k, v, (kind[None, :] != 0).expand(s, s))
         return torch.cat([z_text[:, :2 * t], self.mix(z_pos[:, 2 * t:], z_neg[:, 2 * t:])], dim=1)
-
-
-class TruncNorm(torch.nn.Module):
-    """The official TruncAdaLayerNormZero: the AdaLN takes as many temb rows as its input has (the positive ones)."""
-
-    def __init__(self, norm):
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x, emb=None):
-        return self.norm(x, emb=emb[: x.shape[0]])
 
 
 @torch.no_grad()
@@ -259,20 +212,6 @@ def test_shared_construction_equals_its_reference_and_official_where_no_approxim
     assert_close_to_scale(guided(double_only, x, NAG, neg, "shared"), guided(double_only, x, NAG, neg, "official"),
                           what="no single blocks")
     assert_close_to_scale(guided(double_only, x, NAG, neg), reference(double_only, x, neg, NAG), rel=1e-4)
-
-
-def test_without_the_shared_key_kernel_two_sdpa_calls_give_the_same_image(deep, monkeypatch):
-    """nasa_joint runs before and after attention_kernels.prefix_dual_attention exists (its exact fallback)."""
-    from swiftstep import attention_kernels
-
-    x, neg = inputs(deep, seed=10), negatives(deep, b=2)
-    expected = reference(deep, x, neg, NAG, "shared")
-    monkeypatch.delattr(attention_kernels, "prefix_dual_attention", raising=False)
-    assert_close_to_scale(guided(deep, x, NAG, neg, "shared"), expected, rel=1e-4)
-
-
-def hooks_of(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 def test_guidance_off_is_bit_identical_and_remove_restores(deep):

@@ -19,8 +19,8 @@ from swiftstep.pipelines.nasa_joint_flux2 import Flux2SharedSingleProcessor, app
 
 from ..dit_fixtures.qwen_family import _perturb_constants, build_flux2_klein
 from ..tolerance import assert_close_to_scale
-from .test_joint_guidance_flux import OfficialDouble, heads, rope, softmax_attention
-from .test_joint_guidance_zimage import recording
+from .joint_reference import heads, hooks_of, recording, rope, softmax_attention
+from .test_joint_guidance_flux import OfficialDouble
 
 # no published FLUX.2 setting: the FLUX.1 defaults (the official NAG code's FLUX example, L2 ratio)
 NAG = NegativeGuidance.for_family("flux", "nag")
@@ -85,10 +85,6 @@ def run(model, x):
 def guided(model, x, guidance, neg, text_ids=None):
     with apply_flux2_guidance(model, guidance).set_negative(neg, text_ids):
         return run(model, x)
-
-
-def hooks_of(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
 
 
 @contextlib.contextmanager
@@ -202,16 +198,13 @@ def test_guidance_equals_the_float64_reference(tiny, deep, guidance):
                 assert_close_to_scale(a, e, rel=1e-4, what=f"{guidance.mode} block {i} {name}")
 
 
-def test_without_single_blocks_and_without_the_shared_key_kernel(double_only, deep, monkeypatch):
-    """The negative text is dropped after the last dual-stream block when no single block follows; and nasa_joint's
-    exact two-SDPA fallback (no attention_kernels.prefix_dual_attention) gives the same image."""
-    from swiftstep import attention_kernels
-
+def test_without_single_blocks_and_with_a_batch_of_two(double_only, deep):
+    """The negative text is dropped after the last dual-stream block when no single block follows; a batch of two
+    with one negative per sample."""
     x, neg = inputs(double_only, seed=3), negative(double_only, seed=4)
     assert_close_to_scale(guided(double_only, x, NAG, neg), reference(double_only, x, neg, NAG)[0], rel=1e-4)
     x, neg = inputs(deep, seed=10), negative(deep, b=2)
     expected = reference(deep, x, neg, NAG)[0]
-    monkeypatch.delattr(attention_kernels, "prefix_dual_attention", raising=False)
     assert_close_to_scale(guided(deep, x, NAG, neg), expected, rel=1e-4)
 
 

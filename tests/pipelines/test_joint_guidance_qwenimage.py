@@ -20,8 +20,7 @@ from swiftstep.pipelines.nasa_joint_qwenimage import QwenJointGuidanceProcessor,
 
 from ..dit_fixtures.qwen_family import _perturb_constants, build_qwenimage
 from ..tolerance import assert_close_to_scale
-from .test_joint_guidance_flux import heads, hooks_of, rope, softmax_attention
-from .test_joint_guidance_zimage import recording
+from .joint_reference import heads, hooks_of, recording, rope, softmax_attention
 
 # no published Qwen-Image setting: FLUX.1's (the official FLUX example, L2 ratio), the closest dual-stream MMDiT
 NAG = NegativeGuidance.for_family("flux", "nag")

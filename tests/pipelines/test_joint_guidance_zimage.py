@@ -15,7 +15,7 @@ from swiftstep.pipelines.nasa_joint_zimage import ZImageJointGuidanceProcessor, 
 
 from ..dit_fixtures.qwen_family import build_zimage
 from ..tolerance import assert_close_to_scale
-from .test_joint_guidance_flux import heads, mix_reference, rope, softmax_attention
+from .joint_reference import heads, hooks_of, recording, rope, softmax_attention
 
 NAG = NegativeGuidance.checked("nag", nag_scale=5.0, nag_tau=2.5, nag_alpha=0.25, nag_norm=2)  # official FLUX example
 NAG_CLIPPING = NegativeGuidance.checked("nag", nag_scale=9.0, nag_tau=1.2, nag_alpha=0.7, nag_norm=2)  # τ binds
@@ -62,10 +62,6 @@ def guided(model, x, t, caps, guidance, negs):
         return run(model, x, t, caps)
 
 
-def hooks_of(model):
-    return sum(len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.modules())
-
-
 # ---------------------------------------------------------------- the reference (float64, per sample)
 class ReferenceAttention:
     """Z-Image attention from its formulas: q, k after the QK RMS norms rotated pairwise by the complex RoPE table
@@ -88,19 +84,6 @@ class ReferenceAttention:
         z_pos = softmax_attention(q[:, img], k, v, (kind != 2)[None, :])
         z_neg = softmax_attention(q[:, img], k, v, (kind != 1)[None, :])
         return attn.to_out[0](torch.cat([self.mix(z_pos, z_neg), z_text[:, ~img]], dim=1))
-
-
-def recording(guidance):
-    """mix_reference(guidance), noting whether NAG's norm ratio ever exceeds τ (so the clipping is exercised)."""
-    mix, seen = mix_reference(guidance), {"clipped": False}
-
-    def recorded(z_pos, z_neg):
-        if guidance is not None and guidance.mode == "nag":
-            z_g = z_pos * guidance.nag_scale - z_neg * (guidance.nag_scale - 1)
-            seen["clipped"] |= bool((z_g.norm(dim=-1) > guidance.nag_tau * z_pos.norm(dim=-1)).any())
-        return mix(z_pos, z_neg)
-
-    return recorded, seen
 
 
 @torch.no_grad()
