@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -55,7 +56,7 @@ def read_image(path: str | Path, flag: str):
     return image
 
 
-def save_png(image, path: Path, params: dict, line: str | None = None) -> Path:
+def save_png(image, path: Path, params: dict, line: str | None = None, quiet: bool = False) -> Path:
     """Save with the generation parameters: a `swiftstep` JSON text chunk, plus `parameters` (the A1111-style line
     other tools read) when given."""
     from PIL.PngImagePlugin import PngInfo
@@ -65,8 +66,9 @@ def save_png(image, path: Path, params: dict, line: str | None = None) -> Path:
         info.add_text("parameters", line)
     info.add_text("swiftstep", json.dumps({**params, "swiftstep": __version__}))
     path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, pnginfo=info)
-    print(f"wrote {path}")
+    image.save(path, format="PNG", pnginfo=info)
+    if not quiet:
+        print(f"wrote {path}")
     return path
 
 
@@ -81,32 +83,119 @@ def dit_folder(model: str) -> bool:
     return read_config(model).get("_class_name") in PIPELINE_FAMILIES
 
 
-def generate_dit(args) -> list[Path]:
-    """`generate` for a distilled DiT folder: `load_one_step` and the preset's recipe."""
-    import torch
+def lora_arg(value: str) -> tuple[str, float]:
+    """`--lora FILE[:SCALE]` → (file, scale); a suffix that is not a number stays part of the path (C:\\…)."""
+    path, sep, scale = value.rpartition(":")
+    if sep and path:
+        try:
+            return path, float(scale)
+        except ValueError:
+            pass
+    return value, 1.0
 
-    from .pipelines import load_one_step
 
-    for flag, value in (("--image", args.image), ("--gamma", args.gamma), ("--config", args.config)):
-        if value is not None:
-            raise ValueError(f"{flag} applies to SD/SDXL UNet models only; {args.model} is a DiT folder.")
-    pipe = load_one_step(args.model, args.preset, dtype=getattr(torch, args.dtype)).to(args.device)
-    timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
-    height, width = pipe.default_size(args.height, args.width)
-    schedule = pipe.resolve(None, args.steps, timesteps, None, height, width)
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = pipe(args.prompt, num_inference_steps=args.steps, timesteps=timesteps, height=height, width=width,
-                  num_images_per_prompt=args.num_images, generator=generator).images
-    if "sigmas" in schedule:
-        grid = {"sigmas": schedule["sigmas"]}
-    else:  # SANA-Sprint: the TrigFlow angles it sampled
-        grid = {"angles": schedule.get("timesteps") or pipe.preset.scm_timesteps(schedule["num_inference_steps"])}
-    params = {"prompt": args.prompt, "model": args.model, "preset": pipe.preset.name if pipe.preset else None,
-              "steps": schedule["num_inference_steps"], **{k: [round(float(v), 6) for v in g] for k, g in grid.items()},
-              "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
-    line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
-            f"Seed: {args.seed}, Size: {width}x{height}, Model: {args.model}, Version: swiftstep {__version__}")
-    return _save_all(images, Path(args.out), params, line)
+GUIDANCE_ARGS = ("guidance", "nasa_scale", "nag_scale", "nag_tau", "nag_alpha")
+
+
+class ImageMaker:
+    """`generate`'s model, loaded on first use (a resumed job with nothing left loads nothing), and one call of it:
+    `render(spec)` → (images, parameters to save, A1111 line). `spec`: prompt, negative_prompt, seed, height, width;
+    the rest comes from the command's options. `settings` is what every output of the job shares."""
+
+    def __init__(self, args, device: str):
+        self.args, self.device, self.pipe, self.dit = args, device, None, dit_folder(args.model)
+        a = args
+        if self.dit:
+            for flag, value in (("--image", a.image), ("--gamma", a.gamma), ("--config", a.config),
+                                ("--fast", a.fast or None)):
+                if value is not None:
+                    raise ValueError(f"{flag} applies to SD/SDXL UNet models only; {a.model} is a DiT folder.")
+        self.timesteps = [float(t) for t in a.timesteps.split(",")] if a.timesteps else None
+        self.guidance = {k: getattr(a, k) for k in GUIDANCE_ARGS if getattr(a, k) is not None}
+        self.settings = {"model": a.model, "preset": a.preset, "steps": a.steps, "timesteps": a.timesteps,
+                         "gamma": a.gamma, "image": a.image, "strength": a.strength if a.image else None,
+                         "dtype": a.dtype, "lora": [list(entry) for entry in a.lora], "fast": a.fast,
+                         **{k: getattr(a, k) for k in GUIDANCE_ARGS}}
+
+    def load(self):
+        import torch
+
+        if self.pipe is not None:
+            return self.pipe
+        a = self.args
+        if self.dit:
+            from .pipelines import load_one_step
+
+            self.pipe = load_one_step(a.model, a.preset, lora=a.lora or None, dtype=getattr(torch, a.dtype))
+            self.pipe.to(self.device)
+            return self.pipe
+        from .pipelines.load_one_step import load_loras
+
+        pipe = load_pipeline(a.model, a.config, a.dtype, self.device)
+        load_loras(pipe, a.lora or None)
+        if a.fast:
+            pipe.enable_fast_path()
+        self.pipe = pipe
+        return pipe
+
+    def render(self, spec: dict, num_images: int = 1):
+        import torch
+
+        pipe, a = self.load(), self.args
+        prompt, seed = spec["prompt"], spec["seed"]
+        negative = {"negative_prompt": spec["negative_prompt"], **self.guidance} if spec.get("negative_prompt") else {}
+        if not negative and self.guidance:
+            raise ValueError("--guidance/--nasa-scale/--nag-* need a negative prompt (--negative-prompt or a "
+                             "\"negative_prompt\" in the prompt file).")
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        if self.dit:
+            height, width = pipe.default_size(spec.get("height"), spec.get("width"))
+            schedule = pipe.resolve(None, a.steps, self.timesteps, None, height, width)
+            images = pipe(prompt, num_inference_steps=a.steps, timesteps=self.timesteps, height=height, width=width,
+                          num_images_per_prompt=num_images, generator=generator, **negative).images
+            if "sigmas" in schedule:
+                grid = {"sigmas": schedule["sigmas"]}
+            else:  # SANA-Sprint: the TrigFlow angles it sampled
+                grid = {"angles": schedule.get("timesteps") or pipe.preset.scm_timesteps(schedule["num_inference_steps"])}
+            params = {"preset": pipe.preset.name if pipe.preset else None, "steps": schedule["num_inference_steps"],
+                      **{k: [round(float(v), 6) for v in g] for k, g in grid.items()}}
+            extra = ""
+        else:
+            preset = pipe.resolve_preset(a.preset)
+            sampler = pipe.make_sampler(preset, a.steps, self.timesteps, a.gamma)
+            image = None
+            if a.image:
+                image = read_image(a.image, "--image").convert("RGB")
+                sampler = pipe._img2img_sampler(sampler, a.strength)
+            size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+            default_h, default_w = (image.height, image.width) if image is not None else (size, size)
+            height, width = spec.get("height") or default_h, spec.get("width") or default_w
+            if image is not None:
+                height, width = height - height % pipe.vae_scale_factor, width - width % pipe.vae_scale_factor
+            images = pipe(prompt, height=height, width=width, preset=a.preset, num_inference_steps=a.steps,
+                          timesteps=self.timesteps, gamma=a.gamma, num_images_per_prompt=num_images,
+                          generator=generator, image=image, strength=a.strength, **negative).images
+            params = {"preset": preset.name if preset else None, "steps": len(sampler),
+                      "timesteps": [int(t) if t.is_integer() else t for t in sampler.timesteps], "gamma": a.gamma}
+            if image is not None:
+                params.update(image=str(a.image), strength=a.strength)
+            extra = f", Timesteps: {params['timesteps']}"
+        params = {"prompt": prompt, "model": a.model, **params, "seed": seed, "height": height, "width": width,
+                  "dtype": a.dtype}
+        if negative:
+            params.update(negative)
+        if a.lora:
+            params["lora"] = [list(entry) for entry in a.lora]
+        if a.fast:
+            params["fast"] = True
+        line = (f"{prompt}\n" + (f"Negative prompt: {negative['negative_prompt']}\n" if negative else "")
+                + f"Steps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, Seed: {seed}, "
+                f"Size: {width}x{height}, Model: {a.model}{extra}, Version: swiftstep {__version__}")
+        return images, params, line
+
+    def job(self, spec: dict) -> dict:
+        """What a finished output of this job carries (PNG `swiftstep` → "job"), compared on `--resume`."""
+        return json.loads(json.dumps({**spec, **self.settings}))
 
 
 def _save_all(images, out: Path, params: dict, line: str) -> list[Path]:
@@ -114,87 +203,162 @@ def _save_all(images, out: Path, params: dict, line: str) -> list[Path]:
     return [save_png(image, path, {**params, "index": i}, line) for i, (image, path) in enumerate(zip(images, paths))]
 
 
-def generate(args) -> list[Path]:
+def generate(args):
+    if (args.prompt is None) == (args.prompts is None):
+        raise ValueError("generate: give --prompt (one prompt) or --prompts FILE (a batch job), not both.")
+    if args.prompts is None:
+        device = args.device or ("cuda" if _cuda() else "cpu")
+        maker = ImageMaker(args, device)
+        spec = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
+                "height": args.height, "width": args.width}
+        images, params, line = maker.render(spec, args.num_images)
+        return _save_all(images, Path(args.out), {**params, "job": maker.job(spec)}, line)
+    from .batch_jobs import prompt_items, run_job
+
+    if args.out_dir is None:
+        raise ValueError("--prompts needs --out-dir (the folder the job writes its images to).")
+    items = prompt_items(args.prompts, args.seed, args.num_images)
+    for item in items:  # the command's defaults where a line sets none
+        for key, default in (("negative_prompt", args.negative_prompt), ("height", args.height),
+                             ("width", args.width)):
+            if item.spec.get(key) is None and not item.error:
+                item.spec[key] = default
+    state, device = job_device(args.device)
+    maker = ImageMaker(args, device)
+
+    def produce(item, path):
+        images, params, line = maker.render(item.spec)
+        save_png(images[0], path, {**params, "index": item.index, "job": maker.job(item.spec)}, line, quiet=True)
+
+    summary = run_job(items, args.out_dir, produce, lambda item: maker.job(item.spec), resume=args.resume,
+                      cpu=device == "cpu", what="images", prepare=maker.load)
+    return 1 if summary.failed else 0
+
+
+def job_device(requested: str | None):
+    """(accelerate's PartialState, this process's device): under `accelerate launch` each process gets its own GPU;
+    `--device cpu` (or a machine without CUDA) runs every process on the CPU (gloo)."""
+    from accelerate import PartialState
+
+    cpu = requested == "cpu" or (requested is None and not _cuda())
+    state = PartialState(cpu=cpu)
+    if requested is None or requested == "cuda":
+        return state, str(state.device)
+    return state, requested
+
+
+def upscale(args):
+    """Image SR as a batch job: every input file (folders: their images) → `--out`/<name>_x<scale>.png, seeded by
+    `--seed` + its position, resumable, split across processes under `accelerate launch`."""
     import torch
 
-    if dit_folder(args.model):
-        return generate_dit(args)
-    pipe = load_pipeline(args.model, args.config, args.dtype, args.device)
-    preset = pipe.resolve_preset(args.preset)
-    timesteps = [float(t) for t in args.timesteps.split(",")] if args.timesteps else None
-    sampler = pipe.make_sampler(preset, args.steps, timesteps, args.gamma)
-    image = None
-    if args.image:
-        image = read_image(args.image, "--image").convert("RGB")
-        sampler = pipe._img2img_sampler(sampler, args.strength)
-    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    default_h, default_w = (image.height, image.width) if image is not None else (size, size)
-    height, width = args.height or default_h, args.width or default_w
-    if image is not None:
-        height, width = height - height % pipe.vae_scale_factor, width - width % pipe.vae_scale_factor
-    generator = torch.Generator(device=args.device).manual_seed(args.seed)
-    images = pipe(args.prompt, height=height, width=width, preset=args.preset, num_inference_steps=args.steps,
-                  timesteps=timesteps, gamma=args.gamma, num_images_per_prompt=args.num_images,
-                  generator=generator, image=image, strength=args.strength).images
-    params = {"prompt": args.prompt, "model": args.model, "preset": preset.name if preset else None,
-              "steps": len(sampler), "timesteps": [int(t) if t.is_integer() else t for t in sampler.timesteps],
-              "gamma": args.gamma, "seed": args.seed, "height": height, "width": width, "dtype": args.dtype}
-    if image is not None:
-        params.update(image=str(args.image), strength=args.strength)
-    line = (f"{args.prompt}\nSteps: {params['steps']}, Sampler: swiftstep {params['preset'] or 'custom'}, "
-            f"Seed: {args.seed}, Size: {width}x{height}, Model: {args.model}, Timesteps: {params['timesteps']}, "
-            f"Version: swiftstep {__version__}")
-    return _save_all(images, Path(args.out), params, line)
+    from .batch_jobs import IMAGE_SUFFIXES, file_items, run_job
 
+    from .core import finite
 
-def upscale(args) -> list[Path]:
-    import torch
+    for flag, value in (("lambda_pix", args.lambda_pix), ("lambda_sem", args.lambda_sem)):
+        finite.check_finite(flag, value)
+    items = file_items(args.inputs, IMAGE_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.png", args.seed)
+    state, device = job_device(args.device)
+    settings = {"base": args.base, "weights": str(args.weights), "scale": args.scale, "prompt": args.prompt,
+                "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem, "color_fix": args.color_fix,
+                "tile": args.tile, "min_side": args.min_side, "dtype": args.dtype}
+    loaded = {}
 
-    from .pipelines import OneStepSRPipeline
+    def pipeline():
+        if not loaded:
+            from .pipelines import OneStepSRPipeline
 
-    pipe = load_pipeline(args.base, args.config, args.dtype, args.device, OneStepSRPipeline, "--base")
-    method = pipe.load_sr_weights(args.weights)
-    out_dir = Path(args.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for src in args.inputs:
-        src = Path(src)
-        image = read_image(src, "input")
-        generator = torch.Generator(device=args.device).manual_seed(args.seed)
+            pipe = load_pipeline(args.base, args.config, args.dtype, device, OneStepSRPipeline, "--base")
+            loaded.update(pipe=pipe, method=pipe.load_sr_weights(args.weights))
+        return loaded["pipe"], loaded["method"]
+
+    def produce(item, path):
+        image = read_image(item.source, "input")  # before the model: a bad file fails fast
+        pipe, method = pipeline()
+        generator = torch.Generator(device=device).manual_seed(item.spec["seed"])
         result = pipe(image, upscale=args.scale, prompt=args.prompt, lambda_pix=args.lambda_pix,
                       lambda_sem=args.lambda_sem, color_fix=args.color_fix, tile_size=args.tile,
                       min_side=args.min_side, generator=generator).images[0]
-        params = {"input": str(src), "method": method, "weights": str(args.weights), "base": args.base,
-                  "scale": args.scale, "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem,
-                  "color_fix": args.color_fix, "seed": args.seed}
-        paths.append(save_png(result, out_dir / f"{src.stem}_x{args.scale}.png", params))
-    return paths
+        params = {"input": item.source, "method": method, **settings, "seed": item.spec["seed"],
+                  "job": job(item)}
+        save_png(result, path, params, quiet=True)
+
+    def job(item):
+        return json.loads(json.dumps({**item.spec, **settings}))
+
+    summary = run_job(items, args.out, produce, job, resume=args.resume, cpu=device == "cpu", what="upscale",
+                      prepare=pipeline)
+    return 1 if summary.failed else 0
 
 
-def upscale_video(args) -> list[Path]:
-    import torch
+def upscale_video(args):
+    """Video SR: one input and an `--out` ending in .mp4 → that file; otherwise a batch job over the inputs (folders:
+    their videos) → `--out`/<name>_x<scale>.mp4, resumable, split across processes under `accelerate launch`."""
+    from .batch_jobs import VIDEO_SUFFIXES, file_items, run_job, video_job
 
-    from .pipelines import VideoSRPipeline
-    from .video_io import VideoReader, VideoWriter
+    settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "scale": args.scale,
+                "stages": args.stages, "prompt": args.prompt, "color_fix": args.color_fix, "tile": args.tile,
+                "min_side": args.min_side, "crf": args.crf, "dtype": args.dtype}
+    single = len(args.inputs) == 1 and Path(args.out).suffix.lower() == ".mp4"
+    if single and Path(args.inputs[0]).is_dir():
+        raise ValueError(f"--out {args.out} is one .mp4 file, but the input {args.inputs[0]} is a folder; give an "
+                         f"output folder.")
+    if not single and Path(args.out).suffix:
+        raise ValueError(f"--out must be an output folder for several inputs or a folder (got {args.out}); one input "
+                         f"and an .mp4 name writes one file.")
+    state, device = job_device(args.device)
+    loaded = {}
 
-    reader = VideoReader(args.input)  # before loading models: a bad input fails fast
-    pipe = load_pipeline(args.base, args.config, args.dtype, args.device, VideoSRPipeline, "--base")
-    pipe.load_sr_weights(args.weights)
-    out = Path(args.out)
-    if out.suffix.lower() != ".mp4":
-        raise ValueError(f"--out must be an .mp4 file, got {out}.")
-    params = {"input": str(args.input), "method": "dloral", "weights": str(args.weights), "base": args.base,
-              "scale": args.scale, "stages": args.stages, "prompt": args.prompt, "color_fix": args.color_fix,
-              "seed": args.seed, "fps": str(reader.fps), "swiftstep": __version__}
-    generator = torch.Generator().manual_seed(args.seed)
-    with VideoWriter(out, reader.fps, crf=args.crf, audio_from=args.input if reader.has_audio else None,
-                     metadata=params) as writer:
-        for frame in pipe.stream(reader, upscale=args.scale, prompt=args.prompt, stages=args.stages,
-                                 color_fix=args.color_fix, tile_size=args.tile, chunk_frames=args.chunk_frames,
-                                 min_side=args.min_side, generator=generator):
-            writer.write(frame)
-    print(f"wrote {writer.frames} frames at {float(reader.fps):g} fps to {out}")
-    return [out]
+    def pipeline():
+        if not loaded:
+            from .pipelines import VideoSRPipeline
+
+            pipe = load_pipeline(args.base, args.config, args.dtype, device, VideoSRPipeline, "--base")
+            pipe.load_sr_weights(args.weights)
+            loaded["pipe"] = pipe
+        return loaded["pipe"]
+
+    def job(item):
+        return json.loads(json.dumps({**item.spec, **settings}))
+
+    def produce(item, path, quiet=True):
+        import torch
+
+        from .video_io import VideoReader, VideoWriter
+
+        reader = VideoReader(item.source)  # before loading models: a bad input fails fast
+        pipe = pipeline()
+        params = {"input": item.source, **settings, "seed": item.spec["seed"], "fps": str(reader.fps),
+                  "swiftstep": __version__, "job": job(item)}
+        generator = torch.Generator().manual_seed(item.spec["seed"])
+        with VideoWriter(path, reader.fps, crf=args.crf, audio_from=item.source if reader.has_audio else None,
+                         metadata=params) as writer:
+            for frame in pipe.stream(reader, upscale=args.scale, prompt=args.prompt, stages=args.stages,
+                                     color_fix=args.color_fix, tile_size=args.tile, chunk_frames=args.chunk_frames,
+                                     min_side=args.min_side, generator=generator):
+                writer.write(frame)
+        if not quiet:
+            print(f"wrote {writer.frames} frames at {float(reader.fps):g} fps to {args.out}")
+
+    if single:
+        from .batch_jobs import Item, temporary_path
+
+        item = Item(0, Path(args.out).name, str(args.inputs[0]), {"input": str(Path(args.inputs[0]).resolve()),
+                                                                   "seed": args.seed})
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temporary_path(out)
+        try:
+            produce(item, tmp, quiet=False)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return [out]
+    items = file_items(args.inputs, VIDEO_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.mp4", args.seed)
+    summary = run_job(items, args.out, produce, job, read_job=video_job, resume=args.resume, cpu=device == "cpu",
+                      what="upscale-video", prepare=pipeline)
+    return 1 if summary.failed else 0
 
 
 def mar(args) -> list[Path]:
@@ -229,10 +393,8 @@ def selftest(args) -> list[Path]:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = save_folder("sd2", Path(tmp) / "tiny-sd2")
-        ns = argparse.Namespace(model=str(folder), config=None, prompt="a tiny random test image", preset="sd-turbo",
-                                steps=None, timesteps=None, gamma=None, seed=0, height=None, width=None,
-                                num_images=1, dtype="float32", device="cpu", out=args.out, image=None,
-                                strength=0.5)
+        ns = build_parser().parse_args(["generate", "--model", str(folder), "--prompt", "a tiny random test image",
+                                        "--preset", "sd-turbo", "--device", "cpu", "--out", args.out])
         paths = generate(ns)
     from PIL import Image
 
@@ -252,7 +414,22 @@ def build_parser() -> argparse.ArgumentParser:
                    "FLUX.1-schnell, FLUX.2-klein, Z-Image-Turbo, Qwen-Image, SD3.5-Turbo, SANA-Sprint), or an "
                    "original SD/SDXL .safetensors/.ckpt file")
     g.add_argument("--config", help="for a single file: a local diffusers folder of the same family (offline)")
-    g.add_argument("--prompt", required=True)
+    g.add_argument("--prompt", help="the prompt (one image, or --num-images of it)")
+    g.add_argument("--prompts", metavar="FILE", help="a batch job: one prompt a line, or JSON Lines (.jsonl: "
+                   "prompt, negative_prompt, seed, height, width per line); writes --out-dir/00000.png, … with seed "
+                   "--seed + index; under `accelerate launch` the lines are split across processes")
+    g.add_argument("--out-dir", help="with --prompts: the output folder")
+    g.add_argument("--negative-prompt", help="a negative prompt without CFG, inside the attention (--guidance)")
+    g.add_argument("--guidance", choices=("nasa", "nag"), help="how the negative prompt acts (default: nasa on "
+                   "SD/SDXL, nag on the DiTs)")
+    g.add_argument("--nasa-scale", type=float, help="NASA α (default per model family)")
+    g.add_argument("--nag-scale", type=float, help="NAG scale φ + 1 (default per model family)")
+    g.add_argument("--nag-tau", type=float, help="NAG τ (default 2.5)")
+    g.add_argument("--nag-alpha", type=float, help="NAG α (default per model family)")
+    g.add_argument("--lora", action="append", type=lora_arg, default=[], metavar="FILE[:SCALE]",
+                   help="a LoRA file and its strength (default 1); repeat for several")
+    g.add_argument("--fast", action="store_true", help="SD/SDXL: the fast path (CUDA graphs, channels-last, "
+                   "fused attention; parts that cannot run here are skipped with a log line)")
     g.add_argument("--preset", help="one of swiftstep.core.presets.PRESETS (default: inferred from the folder)")
     g.add_argument("--steps", type=int, help="number of steps (a count the preset supports)")
     g.add_argument("--timesteps", help="explicit comma-separated timesteps, e.g. 999,749,499,249 (flow DiTs: "
@@ -261,17 +438,21 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--height", type=int)
     g.add_argument("--width", type=int)
-    g.add_argument("--num-images", type=int, default=1)
+    g.add_argument("--num-images", type=int, default=1, help="images per prompt (batch job: per line, files "
+                   "<line>_<k>.png)")
     g.add_argument("--image", help="image-to-image: start from this picture (SD-Turbo's card: --steps 2, strength 0.5)")
     g.add_argument("--strength", type=float, default=0.5,
                    help="with --image: the last ⌊steps·strength⌋ timesteps run on the picture")
     g.add_argument("--dtype", choices=DTYPES, default="float32")
-    g.add_argument("--device", default="cuda" if _cuda() else "cpu")
-    g.add_argument("--out", default="swiftstep.png")
+    g.add_argument("--device", help="default: CUDA if present (under `accelerate launch`: this process's GPU), "
+                   "else cpu")
+    g.add_argument("--out", default="swiftstep.png", help="with --prompt: the output PNG")
+    _job_options(g)
     g.set_defaults(func=generate)
 
     u = sub.add_parser("upscale", help="one-step ×4 super-resolution (OSEDiff / PiSA-SR weights)")
-    u.add_argument("inputs", nargs="+", help="image files")
+    u.add_argument("inputs", nargs="+", help="image files and folders of images (a batch job: resumable, split "
+                   "across processes under `accelerate launch`)")
     u.add_argument("--base", required=True, help="SD2.1-base: diffusers folder, hub id, or single .safetensors")
     u.add_argument("--config", help="for a single-file base: a local diffusers folder of SD2.1-base (offline)")
     u.add_argument("--weights", required=True, help="osediff.pkl, pisa_sr.pkl or a swiftstep .safetensors export")
@@ -281,17 +462,20 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lambda-sem", type=float, default=1.0, help="PiSA-SR semantic-detail strength")
     u.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default="adain")
     u.add_argument("--tile", type=int, help="latent tile size (default 96; tiles only when needed)")
-    u.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior sample")
+    u.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior sample (input i: seed + i)")
     u.add_argument("--min-side", type=int, default=512,
                    help="smaller inputs are first enlarged so the output's short side reaches this (official: 512)")
     u.add_argument("--dtype", choices=DTYPES, default="float32")
-    u.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    u.add_argument("--device", help="default: CUDA if present (under `accelerate launch`: this process's GPU), "
+                   "else cpu")
+    _job_options(u)
     u.add_argument("--out", default="upscaled", help="output folder")
     u.set_defaults(func=upscale)
 
     v = sub.add_parser("upscale-video", help="one-step ×4 video super-resolution (DLoRAL weights)")
-    v.add_argument("input", help="a video file (anything FFmpeg reads)")
-    v.add_argument("--out", required=True, help="the output .mp4 (H.264; frame rate and audio of the input kept)")
+    v.add_argument("inputs", nargs="+", help="video files (anything FFmpeg reads) and folders of videos")
+    v.add_argument("--out", required=True, help="one input: the output .mp4 (H.264; frame rate and audio of the input "
+                   "kept); several inputs or a folder: the output folder (a batch job)")
     v.add_argument("--base", required=True, help="SD2.1-base: diffusers folder, hub id, or single .safetensors")
     v.add_argument("--config", help="for a single-file base: a local diffusers folder of SD2.1-base (offline)")
     v.add_argument("--weights", required=True, help="DLoRAL's model.pkl or a swiftstep .safetensors export")
@@ -304,10 +488,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chunk-frames", type=int, help="frames per batch (default 1 on the CPU, 4 on CUDA)")
     v.add_argument("--min-side", type=int, default=512,
                    help="smaller frames are first enlarged so the output's short side reaches this (≥ 512)")
-    v.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior samples")
+    v.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior samples (input i: seed + i)")
     v.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; 18 ≈ visually lossless)")
     v.add_argument("--dtype", choices=DTYPES, default="float32")
-    v.add_argument("--device", default="cuda" if _cuda() else "cpu")
+    v.add_argument("--device", help="default: CUDA if present (under `accelerate launch`: this process's GPU), "
+                   "else cpu")
+    _job_options(v)
     v.set_defaults(func=upscale_video)
 
     m = sub.add_parser("mar", help="class-conditional ImageNet images with MAR + DiSA step annealing")
@@ -336,6 +522,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _job_options(p) -> None:
+    p.add_argument("--resume", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch jobs: skip outputs that exist, read back and carry this job's parameters (default on)")
+
+
 def _cuda() -> bool:
     import torch
 
@@ -345,11 +536,11 @@ def _cuda() -> bool:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        args.func(args)
+        result = args.func(args)
     except (ValueError, FileNotFoundError, FloatingPointError) as e:
         print(f"swiftstep: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    return result if isinstance(result, int) else 0  # a batch job with failed items: 1
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ def load_one_step(path_or_id, preset: str | None = None, lora: str | Path | None
         preset: a name from `swiftstep.core.presets.PRESETS`. Default: inferred where the folder leaves no doubt
             (SD/SDXL: the stored preset or the scheduler's; FLUX.1-schnell, FLUX.2-klein, SANA-Sprint); else
             an error naming the presets that fit.
-        lora: a LoRA file the preset needs (Qwen-Image-Lightning) or any LoRA, loaded with the stock loader.
-        lora_scale: its strength (a peft adapter named "swiftstep").
+        lora: a LoRA file the preset needs (Qwen-Image-Lightning) or any LoRA, loaded with the stock loader; or a
+            list of LoRA files and (file, scale) pairs, all active at once.
+        lora_scale: the strength of a LoRA given without its own (peft adapters "swiftstep", "swiftstep_1", …).
         **from_pretrained_kwargs: passed to `from_pretrained` (`dtype`, `local_files_only`, …).
 
     Returns:
@@ -69,7 +70,7 @@ def load_one_step(path_or_id, preset: str | None = None, lora: str | Path | None
             raise ValueError(f"Preset {preset!r} is for {fam} ({FLOW_PRESETS[preset].pipeline}), but {path_or_id} is "
                              f"an SD/SDXL UNet folder ({class_name}); presets that fit: {', '.join(UNET_PRESETS)}.")
         pipe = OneStepPipeline.from_pretrained(path_or_id, preset=preset, **from_pretrained_kwargs)
-        _load_lora(pipe, lora, lora_scale)
+        load_loras(pipe, lora, lora_scale)
         return pipe
     if class_name not in PIPELINE_FAMILIES:
         known = ", ".join([*UNET_PIPELINES[:3], *PIPELINE_FAMILIES])
@@ -85,15 +86,28 @@ def load_one_step(path_or_id, preset: str | None = None, lora: str | Path | None
 
     stock = getattr(diffusers, class_name).from_pretrained(path_or_id, **from_pretrained_kwargs)
     pipe = DistilledDiTPipeline(stock, preset)  # checks the preset fits before the LoRA is loaded
-    _load_lora(stock, lora, lora_scale)
+    load_loras(stock, lora, lora_scale)
     return pipe
 
 
-def _load_lora(pipe, lora, scale: float) -> None:
+def load_loras(pipe, lora, scale: float = 1.0) -> list[str]:
+    """Load one LoRA file, or a list of files and (file, scale) pairs, with the pipeline's own loader, all active at
+    once: adapters "swiftstep", "swiftstep_1", … with their scales (`scale` where a file has none). A file that
+    does not parse is an error naming it. Returns the adapter names."""
     if lora is None:
-        return
+        return []
+    from ..core import finite
     from .lora_check import check_file
 
-    check_file(lora)
-    pipe.load_lora_weights(str(lora), adapter_name="swiftstep")
-    pipe.set_adapters(["swiftstep"], [scale])
+    entries = [lora] if isinstance(lora, (str, Path)) else list(lora)
+    names, scales = [], []
+    for i, entry in enumerate(entries):
+        path, weight = (entry, scale) if isinstance(entry, (str, Path)) else entry
+        finite.check_finite(f"LoRA scale of {path}", weight)
+        check_file(path)
+        name = "swiftstep" if i == 0 else f"swiftstep_{i}"
+        pipe.load_lora_weights(str(path), adapter_name=name)
+        names.append(name)
+        scales.append(float(weight))
+    pipe.set_adapters(names, scales)
+    return names

@@ -160,9 +160,9 @@ def test_upscale_names_a_bad_input_file_weights_file_base_file_and_lambda(models
     folder = str(models["sd2"]["folder"])
     run = lambda *extra: main(["upscale", *extra, "--device", "cpu", "--out", str(tmp_path / "up")])  # noqa: E731
     for src, found in [(bad, "cannot identify image file"), (cut, "image file is truncated")]:
-        assert run(str(src), "--base", folder, "--weights", str(weights)) == 2
-        assert f"input: {src.name}: expected an image file PIL reads (PNG, JPEG, WebP, …); found: {found}" in \
-            capsys.readouterr().err
+        assert run(str(src), "--base", folder, "--weights", str(weights)) == 1  # a failed item: the job went on
+        assert f"failed: {src}: input: {src.name}: expected an image file PIL reads (PNG, JPEG, WebP, …); found: " \
+               f"{found}" in capsys.readouterr().err
     assert run(str(good), "--base", folder, "--weights", str(weights), "--lambda-pix", "nan") == 2
     assert "`lambda_pix` must be a finite number, got nan" in capsys.readouterr().err
     (tmp_path / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{}")

@@ -1,0 +1,7 @@
+"""`python -m swiftstep …` is the `swiftstep` command (also under `accelerate launch -m swiftstep …`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
