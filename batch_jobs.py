@@ -50,14 +50,19 @@ class Summary:
     made: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[tuple[str, str]] = field(default_factory=list)  # (source, why)
+    made_per_process: list[int] = field(default_factory=list)
 
     def extend(self, other: "Summary") -> None:
         self.made += other.made
         self.skipped += other.skipped
         self.failed += other.failed
+        self.made_per_process.append(len(other.made))
 
     def text(self) -> str:
-        lines = [f"made {len(self.made)}, skipped {len(self.skipped)} (already done), failed {len(self.failed)}"]
+        split = (f" ({' + '.join(map(str, self.made_per_process))} on {len(self.made_per_process)} processes)"
+                 if len(self.made_per_process) > 1 else "")
+        lines = [f"made {len(self.made)}{split}, skipped {len(self.skipped)} (already done), failed "
+                 f"{len(self.failed)}"]
         lines += [f"  failed: {source}: {why}" for source, why in sorted(self.failed)]
         return "\n".join(lines)
 

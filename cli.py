@@ -102,8 +102,9 @@ class ImageMaker:
     `render(spec)` → (images, parameters to save, A1111 line). `spec`: prompt, negative_prompt, seed, height, width;
     the rest comes from the command's options. `settings` is what every output of the job shares."""
 
-    def __init__(self, args, device: str):
+    def __init__(self, args, device: str, batch: bool = False):
         self.args, self.device, self.pipe, self.dit = args, device, None, dit_folder(args.model)
+        self.batch = batch  # the job's progress bar replaces the pipeline's
         a = args
         if self.dit:
             for flag, value in (("--image", a.image), ("--gamma", a.gamma), ("--config", a.config),
@@ -126,27 +127,25 @@ class ImageMaker:
         if self.dit:
             from .pipelines import load_one_step
 
-            self.pipe = load_one_step(a.model, a.preset, lora=a.lora or None, dtype=getattr(torch, a.dtype))
-            self.pipe.to(self.device)
-            return self.pipe
-        from .pipelines.load_one_step import load_loras
+            pipe = load_one_step(a.model, a.preset, lora=a.lora or None, dtype=getattr(torch, a.dtype))
+            pipe.to(self.device)
+        else:
+            from .pipelines.load_one_step import load_loras
 
-        pipe = load_pipeline(a.model, a.config, a.dtype, self.device)
-        load_loras(pipe, a.lora or None)
-        if a.fast:
-            pipe.enable_fast_path()
+            pipe = load_pipeline(a.model, a.config, a.dtype, self.device)
+            load_loras(pipe, a.lora or None)
+            if a.fast:
+                pipe.enable_fast_path()
+        if self.batch:
+            pipe.set_progress_bar_config(disable=True)
         self.pipe = pipe
         return pipe
-
     def render(self, spec: dict, num_images: int = 1):
         import torch
 
         pipe, a = self.load(), self.args
         prompt, seed = spec["prompt"], spec["seed"]
         negative = {"negative_prompt": spec["negative_prompt"], **self.guidance} if spec.get("negative_prompt") else {}
-        if not negative and self.guidance:
-            raise ValueError("--guidance/--nasa-scale/--nag-* need a negative prompt (--negative-prompt or a "
-                             "\"negative_prompt\" in the prompt file).")
         generator = torch.Generator(device=self.device).manual_seed(seed)
         if self.dit:
             height, width = pipe.default_size(spec.get("height"), spec.get("width"))
@@ -208,6 +207,8 @@ def generate(args):
         raise ValueError("generate: give --prompt (one prompt) or --prompts FILE (a batch job), not both.")
     if args.prompts is None:
         device = args.device or ("cuda" if _cuda() else "cpu")
+        if args.negative_prompt is None and any(getattr(args, k) is not None for k in GUIDANCE_ARGS):
+            raise ValueError("--guidance, --nasa-scale and --nag-* need --negative-prompt.")
         maker = ImageMaker(args, device)
         spec = {"prompt": args.prompt, "negative_prompt": args.negative_prompt, "seed": args.seed,
                 "height": args.height, "width": args.width}
@@ -224,7 +225,7 @@ def generate(args):
             if item.spec.get(key) is None and not item.error:
                 item.spec[key] = default
     state, device = job_device(args.device)
-    maker = ImageMaker(args, device)
+    maker = ImageMaker(args, device, batch=True)
 
     def produce(item, path):
         images, params, line = maker.render(item.spec)
