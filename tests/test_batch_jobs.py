@@ -256,3 +256,32 @@ def test_two_accelerate_processes_upscale_a_folder_like_one(models, tmp_path):
     _launch([*common, "--out", str(tmp_path / "two")], 2)
     assert _files(tmp_path / "one") == _files(tmp_path / "two")
     assert sorted(_files(tmp_path / "one")) == ["p0_x4.png", "p1_x4.png", "p2_x4.png"]
+
+
+def test_upscale_video_on_a_folder_writes_one_mp4_each_and_resumes(tmp_path, monkeypatch, capsys):
+    from swiftstep.pipelines import OneStepSRPipeline, VideoSRPipeline
+
+    from .test_cli import _write_video
+    from .video_fixtures import make_dloral_pkl, tiny_cfr, video_components
+
+    comps = video_components()
+    OneStepSRPipeline(**comps).save_pretrained(tmp_path / "sd21")
+    make_dloral_pkl(comps["unet"], tiny_cfr(), tmp_path / "model.pkl")
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    for name in ("a", "b"):
+        _write_video(clips / f"{name}.mp4", frames=2, audio=False)
+    (clips / "c.mp4").write_bytes(b"not a video")
+    stream, calls = VideoSRPipeline.stream, []
+    monkeypatch.setattr(VideoSRPipeline, "stream", lambda self, *a, **kw: (calls.append(1), stream(self, *a, **kw))[1])
+    run = lambda: main(["upscale-video", str(clips), "--out", str(tmp_path / "out"), "--base",  # noqa: E731
+                        str(tmp_path / "sd21"), "--weights", str(tmp_path / "model.pkl"), "--device", "cpu"])
+    assert run() == 1  # c.mp4 failed, a and b made
+    assert sorted(os.listdir(tmp_path / "out")) == ["a_x4.mp4", "b_x4.mp4"]
+    assert f"failed: {clips / 'c.mp4'}:" in capsys.readouterr().err
+    made = (tmp_path / "out" / "b_x4.mp4").read_bytes()
+    (tmp_path / "out" / "b_x4.mp4").write_bytes(made[: len(made) // 2])  # an interrupted copy: no index
+    calls.clear()
+    (clips / "c.mp4").unlink()
+    assert run() == 0 and len(calls) == 1  # only b again
+    assert (tmp_path / "out" / "b_x4.mp4").read_bytes() == made
