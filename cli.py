@@ -3,10 +3,14 @@
     swiftstep generate --model stabilityai/sd-turbo --prompt "a red fox" --out fox.png
     swiftstep generate --model sd_xl_base.safetensors --config ./sdxl-folder --preset dmd2-sdxl-4step ...
     swiftstep generate --model black-forest-labs/FLUX.1-schnell --prompt "a red fox" --dtype bfloat16
+    swiftstep generate --model stabilityai/sdxl-turbo --prompts prompts.txt --out-dir renders/   # a batch job
+    accelerate launch --num_processes 8 -m swiftstep generate ... --prompts prompts.txt --out-dir renders/
     swiftstep selftest            # builds a tiny random model offline and runs the whole generate path
-    swiftstep upscale photo.png --base ./sd21-base --weights pisa_sr.pkl --scale 4 --out upscaled/
+    swiftstep upscale photos/ --base ./sd21-base --weights pisa_sr.pkl --scale 4 --out upscaled/
     swiftstep upscale-video clip.mp4 --base ./sd21-base --weights model.pkl --out clip_x4.mp4
     swiftstep mar --mar-ckpt checkpoint-last.pth --vae-ckpt kl16.ckpt --size base --class 207 --schedule disa-linear
+
+Batch jobs (resume, atomic writes, accelerate): batch_jobs.py, docs/batch-jobs.md.
 """
 
 from __future__ import annotations

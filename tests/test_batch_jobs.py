@@ -285,3 +285,29 @@ def test_upscale_video_on_a_folder_writes_one_mp4_each_and_resumes(tmp_path, mon
     (clips / "c.mp4").unlink()
     assert run() == 0 and len(calls) == 1  # only b again
     assert (tmp_path / "out" / "b_x4.mp4").read_bytes() == made
+
+
+def test_a_dit_batch_job_with_a_negative_prompt_equals_the_pipeline_call(tmp_path):
+    from swiftstep.pipelines import load_one_step
+
+    from .dit_fixtures import write_folder
+
+    folder = write_folder("flux", tmp_path)
+    path = tmp_path / "items.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in [
+        {"prompt": "a red fox"}, {"prompt": "a living room", "negative_prompt": "plants", "seed": 9}]))
+    out = tmp_path / "out"
+    assert main(["generate", "--model", str(folder), "--prompts", str(path), "--out-dir", str(out), "--steps", "2",
+                 "--height", "32", "--width", "32", "--nag-scale", "4", "--device", "cpu"]) == 0
+    pipe = load_one_step(folder)
+    for index, (prompt, extra, seed) in enumerate([("a red fox", {}, 0),
+                                                   ("a living room", {"negative_prompt": "plants",
+                                                                      "nag_scale": 4.0}, 9)]):
+        ref = pipe(prompt, num_inference_steps=2, height=32, width=32, generator=torch.Generator().manual_seed(seed),
+                   **extra).images[0]
+        image = Image.open(out / f"{index:05d}.png")
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(ref))
+    meta = json.loads(Image.open(out / "00001.png").text["swiftstep"])
+    assert meta["negative_prompt"] == "plants" and meta["nag_scale"] == 4.0 and meta["preset"] == "flux-schnell"
+    assert main(["generate", "--model", str(folder), "--prompts", str(path), "--out-dir", str(out), "--fast",
+                 "--device", "cpu"]) == 2  # the fast path is the UNets'
