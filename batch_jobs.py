@@ -248,14 +248,15 @@ def run_job(items: list[Item], out_dir: str | Path, produce: Callable[[Item, Pat
                 finally:
                     tmp.unlink(missing_ok=True)
                 bar.step()
+        if state.num_processes > 1:
+            summary = Summary()
+            for part in gather_object([local]):
+                summary.extend(part)
+        else:
+            summary = local
+        bar.step(finished=len(summary.made) + len(summary.failed) - (len(items) - len(good)))  # bad items: not run
     finally:
         bar.close()
-    if state.num_processes > 1:
-        summary = Summary()
-        for part in gather_object([local]):
-            summary.extend(part)
-    else:
-        summary = local
     if state.is_main_process:
         print(summary.text().splitlines()[0])
         for line in summary.text().splitlines()[1:]:
@@ -265,27 +266,30 @@ def run_job(items: list[Item], out_dir: str | Path, produce: Callable[[Item, Pat
 
 class _Progress:
     """The job's one progress bar, on the main process. With several processes it counts the finished outputs in the
-    output folder (at most once a second), so it shows the whole job where the folder is shared (one machine, or a
-    network folder) and the main machine's part otherwise."""
+    output folder written since the job started (at most once a second), so it shows the whole job where the folder
+    is shared (one machine, or a network folder) and the main machine's part otherwise; it is completed once every
+    process has finished."""
 
     def __init__(self, out_dir: Path, names: list[str], state, what: str):
         self.out_dir, self.names, self.state = out_dir, set(names), state
-        self.bar, self.last = None, 0.0
+        self.bar, self.last, self.start = None, 0.0, time.time()
         if state.is_main_process:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(total=len(names), desc=f"swiftstep: {what}", unit="item", dynamic_ncols=True)
 
-    def step(self) -> None:
+    def step(self, finished: int | None = None) -> None:
+        """One item of this process done; `finished`: the job's total once every process is done."""
         if self.bar is None:
             return
-        if self.state.num_processes == 1:
+        if finished is not None:
+            self.bar.update(max(0, finished - self.bar.n))
+        elif self.state.num_processes == 1:
             self.bar.update(1)
-            return
-        now = time.monotonic()
-        if now - self.last >= 1.0:
-            self.last = now
-            done = sum(1 for entry in os.scandir(self.out_dir) if entry.name in self.names)
+        elif time.monotonic() - self.last >= 1.0:
+            self.last = time.monotonic()
+            done = sum(1 for entry in os.scandir(self.out_dir)
+                       if entry.name in self.names and entry.stat().st_mtime >= self.start - 1)
             self.bar.update(max(0, done - self.bar.n))
 
     def close(self) -> None:
