@@ -102,6 +102,11 @@ def test_bad_items_are_reported_with_their_line_and_the_others_are_made(models, 
     assert [(i.index, i.error) for i in items] == [(0, None), (1, "empty prompt line"), (2, "empty prompt line"),
                                                     (3, None)]
     assert items[3].spec["seed"] == 3 and items[3].name == "00003.png"
+    jsonl = tmp_path / "two.jsonl"
+    jsonl.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "seed": 50}) + "\n")
+    pairs = prompt_items(jsonl, seed=10, per_prompt=2)  # two images a line: names and seeds by line and k
+    assert [(i.name, i.index, i.spec["seed"]) for i in pairs] == [("00000_0.png", 0, 10), ("00000_1.png", 1, 11),
+                                                                   ("00001_0.png", 2, 50), ("00001_1.png", 3, 51)]
 
 
 def test_an_interrupted_job_reruns_only_the_missing_items(models, prompt_file, tmp_path, monkeypatch):
