@@ -1,26 +1,45 @@
 """`swiftstep.guiders`: NASA/NAG as diffusers guiders in the modular pipelines of SDXL (`StableDiffusionXLAutoBlocks`
-as diffusers ships them) and FLUX.1 (`flux_guided_blocks()`), on tiny random models.
+as diffusers ships them), FLUX.1 (`flux_guided_blocks()`), Qwen-Image (`QwenImageAutoBlocks` and the Qwen-Image-Edit
+denoise blocks as diffusers ships them) and FLUX.2 / FLUX.2-klein / FLUX.2-klein base (`flux2_guided_blocks()`), on
+tiny random models.
 
-References: the same pipeline with no guidance (a CFG guider at scale 1, which runs the conditional pass only) while
-our processors are installed by hand for the whole run (`nasa_processor.nasa_attention` on the UNet,
-`nasa_joint.apply_joint_guidance` on the FLUX transformer), with the negative prompt encoded by the non-modular
-routes (`OneStepPipeline.encode_prompt`, `FluxPipeline.encode_prompt`)."""
+References: the same pipeline with no guidance (a CFG guider at scale 1, which runs the conditional pass only, or
+diffusers' own blocks that run no guider) while our processors are installed by hand for the whole run
+(`nasa_processor.nasa_attention` on the UNet, `apply_joint_guidance` / `apply_qwenimage_guidance` /
+`apply_flux2_guidance` on the transformers), with the negative prompt encoded by the non-modular routes
+(`OneStepPipeline`, `FluxPipeline`, `QwenImagePipeline`, `Flux2KleinPipeline` `.encode_prompt`; for FLUX.2-dev,
+whose modular step words its system message differently from `Flux2Pipeline`, by diffusers' modular encoder
+function)."""
+
+import copy
 
 import pytest
 import torch
 from diffusers.guiders import ClassifierFreeGuidance
 from diffusers.guiders.guider_utils import GuiderOutput
-from diffusers.modular_pipelines import FluxAutoBlocks, StableDiffusionXLAutoBlocks
+from diffusers import Flux2Pipeline, Flux2Transformer2DModel, QwenImageTransformer2DModel
+from diffusers.modular_pipelines import (Flux2AutoBlocks, Flux2KleinAutoBlocks, Flux2KleinBaseAutoBlocks,
+                                         FluxAutoBlocks, QwenImageAutoBlocks, StableDiffusionXLAutoBlocks)
 from diffusers.modular_pipelines.flux.denoise import FluxLoopDenoiser
+from diffusers.modular_pipelines.flux2.denoise import Flux2KleinBaseLoopDenoiser, Flux2KleinLoopDenoiser
+from diffusers.modular_pipelines.flux2.encoders import Flux2KleinTextEncoderStep, Flux2TextEncoderStep
+from diffusers.modular_pipelines.qwenimage.modular_blocks_qwenimage_edit import QwenImageEditCoreDenoiseStep
+from PIL import Image
+from transformers import Mistral3Config, Mistral3ForConditionalGeneration
 
 from swiftstep.core.nasa import NegativeGuidance
-from swiftstep.guiders import FluxGuidedLoopDenoiser, NAGGuidance, NASAGuidance, flux_guided_blocks
+from swiftstep.guiders import (Flux2GuidedLoopDenoiser, Flux2KleinBaseGuidedTextEncoderStep,
+                               Flux2KleinGuidedLoopDenoiser, Flux2KleinGuidedTextEncoderStep, FluxGuidedLoopDenoiser,
+                               NAGGuidance, NASAGuidance, flux2_guided_blocks, flux_guided_blocks)
 from swiftstep.pipelines import OneStepPipeline
 from swiftstep.pipelines.nasa_joint import apply_joint_guidance
+from swiftstep.pipelines.nasa_joint_flux2 import apply_flux2_guidance
+from swiftstep.pipelines.nasa_joint_qwenimage import apply_qwenimage_guidance
 from swiftstep.pipelines.nasa_processor import NASAAttnProcessor, nasa_attention
 from swiftstep.tiny_models import build_components
 
 from .dit_fixtures.flux_sd3 import build_flux
+from .dit_fixtures.qwen_family import _perturb_constants, build_flux2_klein, build_qwenimage, qwen_tokenizer
 from .tolerance import assert_close_to_scale
 
 PROMPT, NEGATIVE, STEPS = "a red cat on a sofa", "blurry, a dog", 2
@@ -60,6 +79,10 @@ def run_flux(pipe, guider=None, **kw):
                 generator=torch.Generator().manual_seed(0), output="images", output_type="pt", **kw)
 
 
+STOCK_PROCESSORS = {"AttnProcessor2_0", "FluxAttnProcessor", "QwenDoubleStreamAttnProcessor2_0",
+                    "Flux2AttnProcessor", "Flux2ParallelSelfAttnProcessor"}
+
+
 class Watch:
     """Counts the denoiser's forward calls and records, per call, whether our processors were installed; snapshots
     every processor object and every module hook to compare after the run."""
@@ -73,7 +96,7 @@ class Watch:
     def _seen(self, module, args):
         self.calls += 1
         names = {type(p).__name__ for p in module.attn_processors.values()}
-        self.patched.append(bool(names - {"AttnProcessor2_0", "FluxAttnProcessor"}))
+        self.patched.append(bool(names - STOCK_PROCESSORS))
 
     def _hooks(self):
         return {name: (tuple(m._forward_pre_hooks), tuple(m._forward_hooks))
@@ -131,7 +154,9 @@ def test_prepare_inputs_from_block_state_reads_the_named_fields():
     (batch,) = guider.prepare_inputs_from_block_state(state, fields)
     assert batch.encoder_hidden_states is state.prompt_embeds
     assert batch.pooled_projections is state.pooled_prompt_embeds
-    assert guider._negative == (state.negative_prompt_embeds, state.negative_pooled_prompt_embeds)
+    assert guider._negative["text"] is state.negative_prompt_embeds
+    assert guider._negative["pooled"] is state.negative_pooled_prompt_embeds
+    assert guider._negative["mask"] is None and guider._negative["text_ids"] is None
 
 
 def test_a_step_that_raised_leaves_no_patch_after_the_next_step(sdxl):
@@ -294,6 +319,274 @@ def test_flux_without_negative_embeddings_raises(flux):
     guider.prepare_inputs({"encoder_hidden_states": (torch.randn(1, 16, 32), None)})
     with pytest.raises(ValueError, match="no negative prompt embeddings"):
         guider.prepare_models(stock.transformer)
+
+
+# ---------------------------------------------------------------- Qwen-Image modular pipelines (diffusers' own blocks)
+CFG_OFF = dict(guidance_scale=1.0)  # ClassifierFreeGuidance at scale 1: the conditional pass only
+
+
+@pytest.fixture(scope="module")
+def qwenimage():
+    stock = build_qwenimage()
+    pipe = QwenImageAutoBlocks().init_pipeline()
+    pipe.update_components(**{name: c for name, c in stock.components.items() if c is not None})
+    pipe.set_progress_bar_config(disable=True)
+    return pipe, stock
+
+
+def run_qwenimage(pipe, guider, prompt=PROMPT, **kw):
+    pipe.update_components(guider=guider)
+    return pipe(prompt=prompt, num_inference_steps=STEPS, height=32, width=32,
+                generator=torch.Generator().manual_seed(0), output="images", output_type="pt", **kw)
+
+
+@pytest.mark.parametrize("guider, off", [(NAGGuidance(), NAGGuidance(nag_scale=1.0)),
+                                         (NASAGuidance(), NASAGuidance(nasa_scale=0.0))], ids=["nag", "nasa"])
+def test_qwenimage_negative_prompt_changes_the_image_off_settings_are_exact_one_pass_per_step(qwenimage, guider,
+                                                                                               off):
+    pipe, stock = qwenimage
+    with Watch(stock.transformer) as watch:
+        plain = run_qwenimage(pipe, ClassifierFreeGuidance(**CFG_OFF), negative_prompt=NEGATIVE)
+        guided = run_qwenimage(pipe, guider, negative_prompt=NEGATIVE)
+        assert watch.calls == 2 * STEPS and watch.patched == [False] * STEPS + [True] * STEPS
+        watch.assert_restored()
+        assert (guided - plain).abs().max() > 1e-3  # tiny model: NAG ~8e-3, NASA ~3e-3 on [0, 1]
+        assert torch.equal(run_qwenimage(pipe, off, negative_prompt=NEGATIVE), plain)
+        assert watch.patched[2 * STEPS:] == [False] * STEPS
+        watch.assert_restored()
+
+
+@pytest.mark.parametrize("case", ["one-prompt-nag", "two-prompts-padded-nasa"])
+def test_qwenimage_guider_equals_the_route_installed_by_hand(qwenimage, case):
+    """Two prompts and two negatives of different lengths: each side is padded and masked, so the output depends on
+    the guider handing the pipeline's unconditional `encoder_hidden_states_mask` to `set_negative`."""
+    pipe, stock = qwenimage
+    if case == "one-prompt-nag":
+        prompt, negative = PROMPT, NEGATIVE
+        guider, guidance = NAGGuidance(), NegativeGuidance.for_family("qwenimage", "nag")  # FLUX.1's: 5 / 2.5 / 0.25
+    else:
+        prompt, negative = [PROMPT, "a cat"], ["blurry", "a dog on a red sofa in the rain"]
+        guider, guidance = NASAGuidance(nasa_scale=0.4), NegativeGuidance.for_family("qwenimage", "nasa", alpha=0.4)
+    guided = run_qwenimage(pipe, guider, prompt=prompt, negative_prompt=negative)
+    embeds, mask = stock.encode_prompt(negative, device=torch.device("cpu"))
+    assert (mask is None) == (case == "one-prompt-nag")  # encode_prompt gives no mask where nothing is padded
+    with apply_qwenimage_guidance(stock.transformer, guidance).set_negative(embeds, mask):
+        by_hand = run_qwenimage(pipe, ClassifierFreeGuidance(**CFG_OFF), prompt=prompt)
+    assert_close_to_scale(guided, by_hand, what=f"modular guider vs apply_qwenimage_guidance ({case})")
+
+
+@pytest.mark.parametrize("zero_cond_t", [False, True], ids=["edit", "edit-2511-zero-cond-t"])
+def test_qwenimage_edit_denoise_blocks_guider_equals_the_route_installed_by_hand(qwenimage, zero_cond_t):
+    """diffusers' Qwen-Image-Edit denoise workflow as it ships (`QwenImageEditCoreDenoiseStep`: the condition image's
+    tokens after the target's in the image stream, `QwenImageEditLoopDenoiser`). Its VL text encoder is left out (the
+    Qwen2VLProcessor needs torchvision): the embeddings are random, as that encoder hands them — the negative longer
+    (edit embeddings carry the image's tokens) and padded."""
+    _, stock = qwenimage
+    transformer = stock.transformer
+    if zero_cond_t:  # Qwen-Image-Edit-2511: the condition image modulated by t = 0
+        torch.manual_seed(1)
+        config = {k: v for k, v in stock.transformer.config.items() if not k.startswith("_")}
+        transformer = QwenImageTransformer2DModel.from_config({**config, "zero_cond_t": True}).eval()
+        _perturb_constants(transformer)
+    pipe = QwenImageEditCoreDenoiseStep().init_pipeline()
+    pipe.update_components(transformer=transformer, scheduler=stock.scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    g = torch.Generator().manual_seed(0)
+    pos, neg = torch.randn(1, 9, 32, generator=g), torch.randn(1, 14, 32, generator=g)
+    neg_mask = (torch.arange(14) < 11).long()[None]
+    fields = dict(prompt_embeds=pos, prompt_embeds_mask=torch.ones(1, 9, dtype=torch.long), height=32, width=32,
+                  image_latents=torch.randn(1, 16, 1, 4, 4, generator=g), num_inference_steps=STEPS, output="latents")
+
+    def run(guider, **kw):
+        pipe.update_components(guider=guider)
+        return pipe(generator=torch.Generator().manual_seed(0), **fields, **kw)
+
+    with Watch(transformer) as watch:
+        plain = run(ClassifierFreeGuidance(**CFG_OFF))
+        guided = run(NAGGuidance(), negative_prompt_embeds=neg, negative_prompt_embeds_mask=neg_mask)
+        assert watch.calls == 2 * STEPS and watch.patched == [False] * STEPS + [True] * STEPS
+        watch.assert_restored()
+        with apply_qwenimage_guidance(transformer, NegativeGuidance.for_family("qwenimage", "nag")).set_negative(
+                neg, neg_mask):
+            by_hand = run(ClassifierFreeGuidance(**CFG_OFF))
+        watch.assert_restored()
+    assert (guided - plain).abs().max() > 1e-3 * plain.abs().max()  # tiny model: ~4e-3 of the latents' scale
+    assert_close_to_scale(guided, by_hand, what="Qwen-Image-Edit modular guider vs apply_qwenimage_guidance")
+
+
+# ---------------------------------------------------------------- FLUX.2 modular pipelines (flux2_guided_blocks)
+# A chat template reading the content parts of Flux2TextEncoderStep's messages, as the Pixtral processor's does
+MISTRAL_CHAT_TEMPLATE = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+                         "{%- for part in message['content'] -%}{{- part['text'] -}}{%- endfor -%}"
+                         "{{- '<|im_end|>\\n' -}}{%- endfor -%}")
+MISTRAL_LAYERS = (1, 2, 3)  # text_encoder_out_layers of the 3-layer tiny Mistral3 (the real one: 10, 20, 30)
+# FLUX.2's system message alone takes ~170 byte-level tokens of the tiny tokenizer: the prompt must fit after it
+MISTRAL_LENGTH = 224
+
+
+def build_flux2_dev(klein) -> Flux2Pipeline:
+    """FLUX.2-dev-shaped: a tiny Mistral3 text encoder (3 layers, width 16: its three hidden states make the klein
+    DiT's 48-wide context) and the klein fixture's DiT with FLUX.2-dev's guidance embedding."""
+    torch.manual_seed(0)
+    tokenizer = qwen_tokenizer()
+    tokenizer.chat_template = MISTRAL_CHAT_TEMPLATE
+    config = Mistral3Config(
+        text_config=dict(model_type="mistral", vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=3, num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                         pad_token_id=tokenizer.pad_token_id),
+        vision_config=dict(model_type="pixtral", hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                           num_attention_heads=1, head_dim=16, image_size=32, patch_size=16))
+    text_encoder = Mistral3ForConditionalGeneration(config).eval()
+    transformer = Flux2Transformer2DModel.from_config({**klein.transformer.config, "guidance_embeds": True}).eval()
+    _perturb_constants(text_encoder, transformer)
+    return Flux2Pipeline(scheduler=copy.deepcopy(klein.scheduler), vae=klein.vae, text_encoder=text_encoder,
+                         tokenizer=tokenizer, transformer=transformer)
+
+
+@pytest.fixture(scope="module")
+def flux2():
+    klein = build_flux2_klein()
+    dev = build_flux2_dev(klein)
+    pipes = {}
+    for name, stock, blocks in (("klein", klein, flux2_guided_blocks()),
+                                ("klein-stock", klein, Flux2KleinAutoBlocks()),
+                                ("base", klein, flux2_guided_blocks(Flux2KleinBaseAutoBlocks())),
+                                ("base-stock", klein, Flux2KleinBaseAutoBlocks()),
+                                ("dev", dev, flux2_guided_blocks(Flux2AutoBlocks())),
+                                ("dev-stock", dev, Flux2AutoBlocks())):
+        pipes[name] = blocks.init_pipeline()
+        pipes[name].update_components(**{n: c for n, c in stock.components.items() if c is not None})
+        pipes[name].set_progress_bar_config(disable=True)
+    return pipes, {"klein": klein, "dev": dev}
+
+
+def run_flux2(pipe, guider=None, prompt=PROMPT, max_sequence_length=16, **kw):
+    if guider is not None:
+        pipe.update_components(guider=guider)
+    return pipe(prompt=prompt, num_inference_steps=STEPS, height=32, width=32, max_sequence_length=max_sequence_length,
+                generator=torch.Generator().manual_seed(0), output="images", output_type="pt", **kw)
+
+
+def sub_blocks_named(blocks, name):
+    found = []
+    for key, sub in getattr(blocks, "sub_blocks", {}).items():
+        found += [sub] if key == name else sub_blocks_named(sub, name)
+    return found
+
+
+def test_flux2_guided_blocks_swap_in_subclasses_and_leave_diffusers_blocks_alone():
+    klein, base, dev = (flux2_guided_blocks(), flux2_guided_blocks(Flux2KleinBaseAutoBlocks()),
+                        flux2_guided_blocks(Flux2AutoBlocks()))
+    assert type(klein.sub_blocks["text_encoder"]) is Flux2KleinGuidedTextEncoderStep
+    assert type(base.sub_blocks["text_encoder"]) is Flux2KleinBaseGuidedTextEncoderStep
+    for blocks, denoiser in ((klein, Flux2KleinGuidedLoopDenoiser), (base, Flux2KleinBaseLoopDenoiser),
+                             (dev, Flux2GuidedLoopDenoiser)):
+        found = sub_blocks_named(blocks, "denoiser")
+        assert len(found) == 2 and all(type(d) is denoiser for d in found)  # text-to-image and image-conditioned
+    fresh = Flux2KleinAutoBlocks()  # diffusers' blocks share step instances: we copy first
+    assert type(fresh.sub_blocks["text_encoder"]) is Flux2KleinTextEncoderStep
+    assert all(type(d) is Flux2KleinLoopDenoiser for d in sub_blocks_named(fresh, "denoiser"))
+    with pytest.raises(ValueError, match="FLUX.2 auto blocks.*got FluxAutoBlocks"):
+        flux2_guided_blocks(FluxAutoBlocks())
+
+
+@pytest.mark.parametrize("guider, off", [(NAGGuidance(), NAGGuidance(nag_scale=1.0)),
+                                         (NASAGuidance(), NASAGuidance(nasa_scale=0.0))], ids=["nag", "nasa"])
+def test_flux2_klein_negative_prompt_changes_the_image_off_settings_are_exact_one_pass_per_step(flux2, guider, off):
+    pipes, stock = flux2
+    plain = run_flux2(pipes["klein-stock"])
+    with Watch(stock["klein"].transformer) as watch:
+        assert torch.equal(run_flux2(pipes["klein"], ClassifierFreeGuidance(**CFG_OFF)), plain)
+        guided = run_flux2(pipes["klein"], guider, negative_prompt=NEGATIVE)
+        assert watch.calls == 2 * STEPS and watch.patched == [False] * STEPS + [True] * STEPS
+        watch.assert_restored()
+        assert (guided - plain).abs().max() > 1e-3  # tiny model: NAG ~8e-3, NASA ~4e-3 on [0, 1]
+        assert torch.equal(run_flux2(pipes["klein"], off, negative_prompt=NEGATIVE), plain)
+        watch.assert_restored()
+
+
+# the FLUX.2 image processor takes PIL images of at least 64 px
+REFERENCE_IMAGE = Image.fromarray(torch.linspace(0, 255, 64 * 64 * 3).reshape(64, 64, 3).to(torch.uint8).numpy())
+FLUX2_CASES = {  # pipeline, call arguments, guider, its settings as NegativeGuidance (none published: FLUX.1's)
+    "klein": ("klein", dict(negative_prompt=NEGATIVE), NAGGuidance(), ("nag",)),
+    "klein-two-prompts-two-images-each": (
+        "klein", dict(prompt=[PROMPT, "a car"], negative_prompt=["blurry", "a dog"], num_images_per_prompt=2),
+        NASAGuidance(nasa_scale=0.3), ("nasa", 0.3)),
+    "klein-reference-image": ("klein", dict(negative_prompt=NEGATIVE, image=REFERENCE_IMAGE), NAGGuidance(), ("nag",)),
+    "klein-base": ("base", dict(negative_prompt=NEGATIVE), NAGGuidance(), ("nag",)),  # negative_txt_ids forwarded
+    "dev": ("dev", dict(negative_prompt=NEGATIVE, text_encoder_out_layers=MISTRAL_LAYERS,
+                        max_sequence_length=MISTRAL_LENGTH), NAGGuidance(), ("nag",)),
+}
+
+
+@pytest.mark.parametrize("case", FLUX2_CASES)
+def test_flux2_guider_equals_the_route_installed_by_hand(flux2, case):
+    pipes, stock = flux2
+    name, kw, guider, settings = FLUX2_CASES[case]
+    guided = run_flux2(pipes[name], guider, **kw)
+    model = stock["dev" if name == "dev" else "klein"]
+    if name == "dev":  # the modular step's system message is FLUX.2's on one line; Flux2Pipeline's breaks it in two
+        embeds = Flux2TextEncoderStep._get_mistral_3_prompt_embeds(
+            model.text_encoder, model.tokenizer, kw["negative_prompt"], max_sequence_length=MISTRAL_LENGTH,
+            system_message=Flux2TextEncoderStep.DEFAULT_SYSTEM_MESSAGE, hidden_states_layers=MISTRAL_LAYERS)
+        text_ids = model._prepare_text_ids(embeds)
+    else:
+        embeds, text_ids = model.encode_prompt(kw["negative_prompt"], device=torch.device("cpu"),
+                                               max_sequence_length=16)
+    plain_kw = {k: v for k, v in kw.items() if k != "negative_prompt"}
+    plain = run_flux2(pipes[f"{name}-stock"], ClassifierFreeGuidance(**CFG_OFF), **plain_kw)
+    with apply_flux2_guidance(model.transformer, NegativeGuidance.for_family("flux2", *settings)).set_negative(
+            embeds, text_ids):
+        by_hand = run_flux2(pipes[f"{name}-stock"], ClassifierFreeGuidance(**CFG_OFF), **plain_kw)
+    assert (guided - plain).abs().max() > 1e-3  # the negative prompt acts (tiny model: ≥ 3e-3 on [0, 1])
+    assert_close_to_scale(guided, by_hand, what=f"modular guider vs apply_flux2_guidance ({case})")
+
+
+def test_flux2_klein_base_blocks_take_negative_prompt_under_cfg_too(flux2):
+    """diffusers' klein base step encodes "" whatever the call asks; ours the given negative (None: "" as before)."""
+    pipes, _ = flux2
+    cfg = ClassifierFreeGuidance(guidance_scale=3.0)
+    stock_empty = run_flux2(pipes["base-stock"], cfg)
+    assert torch.equal(run_flux2(pipes["base"], cfg), stock_empty)
+    assert (run_flux2(pipes["base"], cfg, negative_prompt=NEGATIVE) - stock_empty).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------- Qwen-Image / FLUX.2 transformers, no pipeline
+@pytest.mark.parametrize("family", ["qwenimage", "flux2"])
+@pytest.mark.parametrize("guider, mode", [(NASAGuidance(), "nasa"), (NAGGuidance(), "nag")], ids=["nasa", "nag"])
+def test_family_defaults_on_the_qwenimage_and_flux2_transformers(qwenimage, flux2, family, guider, mode):
+    transformer = qwenimage[1].transformer if family == "qwenimage" else flux2[1]["klein"].transformer
+    width = transformer.config.joint_attention_dim
+    guider.prepare_inputs({"encoder_hidden_states": (torch.randn(1, 6, width), torch.randn(1, 6, width))})
+    with Watch(transformer) as watch:
+        guider.prepare_models(transformer)
+        (settings,) = {p.guidance for p in transformer.attn_processors.values()}
+        guider.cleanup_models(transformer)
+        watch.assert_restored()
+    assert settings == NegativeGuidance.for_family(family, mode)  # none published: FLUX.1's (α 0.2; 5/2.5/0.25, L2)
+
+
+@pytest.mark.parametrize("family", ["qwenimage", "flux2"])
+def test_the_mask_and_the_text_ids_reach_set_negative(qwenimage, flux2, family):
+    """A negative mask / text ids of the wrong length is refused by the handle's `set_negative`, which only sees
+    them if the guider forwards the unconditional `encoder_hidden_states_mask` / `txt_ids`; nothing stays installed."""
+    transformer = qwenimage[1].transformer if family == "qwenimage" else flux2[1]["klein"].transformer
+    width = transformer.config.joint_attention_dim
+    pos, neg = torch.randn(1, 6, width), torch.randn(1, 6, width)
+    if family == "qwenimage":
+        fields = {"encoder_hidden_states_mask": (torch.ones(1, 6), torch.ones(1, 5))}
+        match = "negative `prompt_embeds_mask` must be"
+    else:
+        fields = {"txt_ids": (torch.zeros(1, 6, 4), torch.zeros(1, 5, 4))}
+        match = "negative `text_ids` must be"
+    guider = NAGGuidance()
+    guider.set_state(step=0, num_inference_steps=STEPS, timestep=torch.tensor(1.0))
+    guider.prepare_inputs({"encoder_hidden_states": (pos, neg), **fields})
+    with Watch(transformer) as watch:
+        with pytest.raises(ValueError, match=match):
+            guider.prepare_models(transformer)
+        watch.assert_restored()
+        guider.cleanup_models(transformer)
 
 
 # ---------------------------------------------------------------- arguments
