@@ -247,6 +247,12 @@ def job_device(requested: str | None):
 
     cpu = requested == "cpu" or (requested is None and not _cuda())
     state = PartialState(cpu=cpu)
+    if not state.is_main_process:  # one set of bars: the main process's loading bars and the job's
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if requested is None or requested == "cuda":
         return state, str(state.device)
     return state, requested
