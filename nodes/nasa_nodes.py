@@ -2,8 +2,9 @@
 
 The patched MODEL is a clone with an `attn2` replace patch per transformer block; the combination is `core.nasa` /
 `core.nag`, the attention ComfyUI's own `optimized_attention` for both branches (so α = 0 is the unpatched model).
-PixArt gets per-clone object patches of its cross-attention; FLUX.1 and Z-Image (joint attention, no cross-attention)
-get a model function wrapper and an attention override (`JointNegativeGuidance`, below).
+PixArt gets per-clone object patches of its cross-attention; the joint-attention DiTs (FLUX.1, FLUX.2, Z-Image,
+Qwen-Image, SD3/SD3.5: no cross-attention) get a model function wrapper and an attention override
+(`JointNegativeGuidance`, below).
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def pixart_cross_attentions(diffusion_model):
             if hasattr(getattr(block, "cross_attn", None), "kv_linear")]
 
 
-# ---------------------------------------------------------------- joint-attention DiTs: FLUX.1 and Z-Image
+# ---------------------------------------------- joint-attention DiTs: FLUX.1, FLUX.2, Z-Image, Qwen-Image, SD3/SD3.5
 # A joint-attention DiT has no text cross-attention: text and image tokens attend together. The negative prompt gets
 # its own text stream: the positive and the negative text run as two batch rows of ONE model call at cfg 1, and inside
 # every joint attention the image tokens' output of both rows is replaced by combine(Z+, Z−), so the two rows' image
@@ -163,21 +164,25 @@ def pixart_cross_attentions(diffusion_model):
 # (pipelines/nasa_joint.py, construction "shared" with the shared-key kernel) keeps the image stream single at 1.13×;
 # ComfyUI offers no hook for that short of replacing its blocks (future work, issue 17).
 
-JOINT_FAMILIES = {"flux": "FLUX.1", "zimage": "Z-Image"}
-SUPPORTED = "SD1.x, SD2.x and SDXL UNets, PixArt, FLUX.1 (dev, schnell, Fill, Kontext) and Z-Image"
+JOINT_FAMILIES = {"flux": "FLUX.1", "flux2": "FLUX.2", "zimage": "Z-Image", "qwenimage": "Qwen-Image",
+                  "sd3": "SD3/SD3.5"}
+SUPPORTED = ("SD1.x, SD2.x and SDXL UNets, PixArt, FLUX.1 (dev, schnell, Fill, Kontext), FLUX.2 (klein, dev; "
+             "ComfyUI ≥ 0.33), Z-Image, Qwen-Image and SD3/SD3.5")
+# (comfy.model_base class, comfy.supported_models config; None = any) → family. By class name, never by weights:
+# Flux's subclasses (Flux2, Chroma, LongCat…) and QwenImage's (MageFlow) are other nets, Lumina2 is also Lumina 2.0.
+JOINT_MODELS = {("Flux", None): "flux", ("Flux2", "Flux2"): "flux2", ("Lumina2", "ZImage"): "zimage",
+                ("QwenImage", "QwenImage"): "qwenimage", ("SD3", "SD3"): "sd3"}
+# comfy/model_base.py Flux2.extra_conds left-pads every FLUX.2 text conditioning shorter than this with zeros (its
+# klein text encoder already pads to it); the negative gets the same.
+FLUX2_TEXT_LEN = 512
 
 
 def joint_family(model) -> str | None:
-    """"flux" for ComfyUI's FLUX.1 models (`comfy.model_base.Flux` itself; its subclasses Flux2, Chroma, LongCat… are
-    other nets), "zimage" for Z-Image (`model_base.Lumina2` with the `ZImage` config; Lumina 2.0 shares the class),
-    else None."""
+    """The `core.nag.DEFAULTS` family of a ComfyUI joint-attention MODEL ("flux", "flux2", "zimage", "qwenimage",
+    "sd3"; `JOINT_MODELS`), else None."""
     base = getattr(model, "model", None)
-    name = type(base).__name__
-    if name == "Flux":
-        return "flux"
-    if name == "Lumina2" and type(getattr(base, "model_config", None)).__name__ == "ZImage":
-        return "zimage"
-    return None
+    name, config = type(base).__name__, type(getattr(base, "model_config", None)).__name__
+    return JOINT_MODELS.get((name, None)) or JOINT_MODELS.get((name, config))
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -222,7 +227,7 @@ def _select(args: dict, chunks: list, rows_per_chunk: int) -> dict:
 class JointAttentionOverride:
     """`optimized_attention_override`: ComfyUI's attention (or the override installed before) for every call; in a
     guided call's joint attentions the image part of both rows becomes combine(Z+_img, Z−_img) (heads merged), and
-    Z-Image's negative rows get their caption key mask where the two captions differ in length."""
+    where a row's text is padded (texts of different lengths, Qwen-Image's text masks) its padded keys are masked."""
 
     def __init__(self, owner: "JointNegativeGuidance", previous=None):
         self.owner, self.previous = owner, previous
@@ -242,15 +247,15 @@ class JointAttentionOverride:
                 kind = "joint"
             elif owner.in_caption_refiner and length == call["text_len"]:
                 kind = "captions"
-        if kind is not None and call.get("masked") is not None:
+        if kind is not None and call.get("text_keep") is not None:
             if mask is not None:
-                raise ValueError("SwiftStepNASA on Z-Image: this attention already has a mask; captions of different "
-                                 "lengths need their own (ComfyUI's Z-Image passes none).")
+                raise ValueError(f"SwiftStepNASA on {JOINT_FAMILIES[owner.family]}: this attention already has a "
+                                 f"mask; texts of different lengths need their own (this ComfyUI passes one here).")
             mask = owner.key_mask(call, length, q)
         out = attend(q, k, v, heads, mask=mask, attn_precision=attn_precision, skip_reshape=skip_reshape,
                      skip_output_reshape=skip_output_reshape, **kwargs)
         if kind != "joint":
-            return out  # another attention (Z-Image's refiners over captions or image alone) or another model call
+            return out  # another attention (Z-Image's refiners, SD3.5's image-only attn2) or another model call
         if skip_output_reshape:  # [2B, H, L, D] → [2B, L, H·D]: NAG's norm runs over all heads
             h, d = out.shape[1], out.shape[3]
             merged = owner.mix(out.transpose(1, 2).flatten(2), call)
@@ -294,15 +299,30 @@ class CaptionRefinerForward:
 
 
 class JointNegativeGuidance:
-    """NASA/NAG on a FLUX.1 or Z-Image MODEL: ComfyUI's `model_function_wrapper` (this object) runs the positive rows
+    """NASA/NAG on a joint-attention MODEL: ComfyUI's `model_function_wrapper` (this object) runs the positive rows
     with the negative text appended as rows B…2B−1 and returns the first B; its `override` mixes the image tokens'
-    attention output in every joint attention of that call.
+    attention output in every joint attention of that call. Every family puts the text first in its joint sequence
+    ([txt, img], [cap, img], SD3's [context, x]), so one override serves all.
 
     FLUX.1: both rows take the POSITIVE pooled embedding (`y`), so both rows' modulation is identical and their image
     streams stay identical. This equals `pipelines.nasa_joint.apply_joint_guidance(..., construction="official")`
     with `set_negative(negative_embeds, positive_pooled)`; the official NAG code gives the negative text stream its own
     pooled embedding, which this route cannot do without the image rows diverging. Joint attention is [txt, img]
     (double and single blocks); the two T5 conditionings need the same length (ComfyUI pads them to 256).
+    SD3/SD3.5: the same for its pooled `y` (adaLN of every block): both rows take the positive one, as the official
+    diffusers NAG pipeline (`NAGStableDiffusion3Pipeline`) does, i.e. `pipelines.nasa_joint_sd3.apply_sd3_guidance`
+    with `set_negative(negative_embeds)`; ComfyUI-NAG's MMDiT patch modulates the negative text with its own pooled
+    embedding instead. The negative CONDITIONING's `pooled_output` is not used. SD3 text has no positions, so texts of
+    different lengths (long T5 prompts) are padded to one length with the padding masked; SD3.5-Large's last block
+    (`context_pre_only`) still attends over [context, x] and only its image output is kept, SD3.5-Medium's image-only
+    `attn2` is left as it is (`joint_len`).
+    FLUX.2 and Qwen-Image: the modulation reads the timestep only (no pooled text), nothing is approximated; these
+    equal `nasa_joint_flux2.apply_flux2_guidance` and `nasa_joint_qwenimage.apply_qwenimage_guidance`. The image
+    positions do not depend on the text length (FLUX.2 text ids count 0…T−1 on their own axis; Qwen-Image's text
+    positions start after the image's half-size), so the shorter text is padded at its end with its padding masked,
+    and each text keeps its own positions. A FLUX.2 negative shorter than 512 tokens is first left-padded with zeros
+    as ComfyUI pads every FLUX.2 conditioning (`FLUX2_TEXT_LEN`); Qwen-Image's own text masks (`attention_mask`, from
+    batched prompts of different lengths) mask those keys too.
     Z-Image: the adaLN takes t only, nothing is approximated; the unified sequence is [cap, img] (comfy/ldm/lumina:
     captions padded to `pad_tokens_multiple` with `cap_pad_token`, then the image patches, also padded). Its refiner
     layers attend over the captions or the image alone and are left as they are. Captions of different lengths: the
@@ -313,12 +333,14 @@ class JointNegativeGuidance:
     move the positive row's image positions)."""
 
     def __init__(self, family: str, negative: torch.Tensor, guidance: nasa.NegativeGuidance, patch_size: int = 2,
-                 pad_multiple: int | None = None, previous=None, previous_override=None):
+                 pad_multiple: int | None = None, previous=None, previous_override=None,
+                 negative_mask: torch.Tensor | None = None, register_length: int = 0):
         self.family, self.negative, self.guidance = family, negative, guidance
-        self.patch_size, self.pad_multiple = patch_size, pad_multiple
+        self.negative_mask = negative_mask  # Qwen-Image: the negative CONDITIONING's text mask [B, T], 1 = token
+        self.patch_size, self.pad_multiple, self.register_length = patch_size, pad_multiple, register_length
         self.previous = previous  # a model_function_wrapper installed before, called inside this one
         self.override = JointAttentionOverride(self, previous_override)
-        self.call = None  # per guided call: batch, text_len, joint_len, real_len, masked
+        self.call = None  # per guided call: batch, text_len, joint_len, real_len, text_keep
         self.in_caption_refiner = False
 
     def __deepcopy__(self, memo):  # ComfyUI 0.3.64's clone() deep-copies model_options: keep one shared state
@@ -326,17 +348,18 @@ class JointNegativeGuidance:
 
     # ------------------------------------------------------------ the attention side
     def is_joint(self, call: dict, length: int) -> bool:
-        if call["joint_len"] is None:  # FLUX: every attention of the model is a joint [txt, img] one
+        if call["joint_len"] is None:  # FLUX.1/FLUX.2/Qwen-Image: every attention of the model is a joint [txt, img]
             return length > call["text_len"]
         return length == call["joint_len"]
 
     @staticmethod
     def key_mask(call: dict, length: int, like: torch.Tensor) -> torch.Tensor:
-        """Additive key mask [2B, 1, L] (ComfyUI's attention functions all add it): the negative rows' caption keys
-        from Tn to Tp ignored. A large finite negative, not −inf: exp gives 0 without inf arithmetic."""
-        b, (tn, tp) = call["batch"], call["masked"]
-        mask = torch.zeros(2 * b, 1, length, device=like.device, dtype=like.dtype)
-        mask[b:, :, tn:tp] = -torch.finfo(like.dtype).max
+        """Additive key mask [2B, 1, L] (ComfyUI's attention functions all add it): the text keys a row does not keep
+        (`text_keep` [2B, T], text first) ignored. A large finite negative, not −inf: exp gives 0 without inf
+        arithmetic."""
+        keep = call["text_keep"].to(like.device)
+        mask = torch.zeros(keep.shape[0], 1, length, device=like.device, dtype=like.dtype)
+        mask[:, 0, :keep.shape[1]].masked_fill_(~keep, -torch.finfo(like.dtype).max)
         return mask
 
     def mix(self, out: torch.Tensor, call: dict) -> torch.Tensor:
@@ -367,9 +390,11 @@ class JointNegativeGuidance:
         order = {i: (0, pos.index(i)) if i in pos else (1, other.index(i)) for i in range(len(kinds))}
         return torch.cat([outs[order[i][0]][order[i][1]] for i in range(len(kinds))])
 
-    def _captions(self, pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _captions(self, pos: torch.Tensor, neg: torch.Tensor, pos_mask=None,
+                  neg_mask=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """Both text conditionings at one length, and what the call needs to know about it."""
         lp, ln = pos.shape[1], neg.shape[1]
+        b = pos.shape[0]
         if self.family == "flux":
             if lp != ln:
                 raise ValueError(f"SwiftStepNASA on FLUX.1: the negative prompt has {ln} tokens, the positive {lp}; "
@@ -377,48 +402,74 @@ class JointNegativeGuidance:
                                  f"the same length (ComfyUI pads FLUX's T5 conditioning to 256 tokens: this happens "
                                  f"when a prompt is longer than that; shorten it).")
             return pos, neg, {"text_len": lp, "joint_len": None}
-        m = self.pad_multiple
-        tp, tn = _round_up(lp, m), _round_up(ln, m)
-        if tn > tp:
-            raise ValueError(f"SwiftStepNASA on Z-Image: the negative prompt has {ln} tokens, more than the positive's "
-                             f"caption block holds ({lp} tokens padded to {tp}); shorten the negative prompt or "
-                             f"lengthen the positive.")
-        info = {"text_len": tp, "real_len": None, "masked": (tn, tp) if tn < tp else None}
-        if lp != ln:
-            n = max(lp, ln)
-            pos, neg = (F.pad(t, (0, 0, 0, n - t.shape[1])) for t in (pos, neg))
-            info["real_len"] = (lp, ln)
-        return pos, neg, info
+        if self.family == "zimage":
+            m = self.pad_multiple
+            tp, tn = _round_up(lp, m), _round_up(ln, m)
+            if tn > tp:
+                raise ValueError(f"SwiftStepNASA on Z-Image: the negative prompt has {ln} tokens, more than the "
+                                 f"positive's caption block holds ({lp} tokens padded to {tp}); shorten the negative "
+                                 f"prompt or lengthen the positive.")
+            info = {"text_len": tp, "real_len": None, "text_keep": None}
+            if tn < tp:
+                keep = torch.ones(2 * b, tp, dtype=torch.bool, device=pos.device)
+                keep[b:, tn:] = False
+                info["text_keep"] = keep
+            if lp != ln:
+                n = max(lp, ln)
+                pos, neg = (F.pad(t, (0, 0, 0, n - t.shape[1])) for t in (pos, neg))
+                info["real_len"] = (lp, ln)
+            return pos, neg, info
+        # FLUX.2, Qwen-Image, SD3: the image positions do not depend on the text length and each text token keeps
+        # its index, so the shorter text is padded at its end and its padding masked.
+        if self.family == "flux2" and ln < FLUX2_TEXT_LEN:
+            neg, ln = F.pad(neg, (0, 0, FLUX2_TEXT_LEN - ln, 0)), FLUX2_TEXT_LEN
+        t = max(lp, ln)
+        keep = torch.cat([_text_keep(pos_mask, b, lp, t, pos.device), _text_keep(neg_mask, b, ln, t, pos.device)])
+        r = self.register_length  # SD3's learned register tokens, prepended to the text inside the model
+        keep = F.pad(keep, (r, 0), value=True)
+        pos, neg = (F.pad(x, (0, 0, 0, t - x.shape[1])) for x in (pos, neg))
+        return pos, neg, {"text_len": r + t, "joint_len": None, "text_keep": None if bool(keep.all()) else keep}
 
     def _guided(self, apply_model, args):
         x, c = args["input"], args["c"]
         name = JOINT_FAMILIES[self.family]
-        for key, what in (("control", "a ControlNet"), ("attention_mask", "an attention mask (regional prompts)"),
-                          ("ref_contexts", "Z-Image omni references"), ("siglip_feats", "Z-Image omni references")):
+        refused = [("control", "a ControlNet"), ("ref_contexts", "Z-Image omni references"),
+                   ("siglip_feats", "Z-Image omni references")]
+        if self.family != "qwenimage":  # Qwen-Image's is its text mask, handled below; FLUX's are regional prompts
+            refused.append(("attention_mask", "an attention mask (regional prompts)"))
+        for key, what in refused:
             if c.get(key) is not None:
                 raise ValueError(f"SwiftStepNASA on {name} does not combine with {what} yet.")
         if self.family == "zimage" and c.get("ref_latents") is not None:
             raise ValueError("SwiftStepNASA on Z-Image does not combine with reference latents (omni) yet.")
         options = c.get("transformer_options", {})
         if options.get("optimized_attention_override") is not self.override:
-            raise ValueError("SwiftStepNASA on FLUX.1/Z-Image: a node applied after it replaced its attention "
-                             "override (`optimized_attention_override`); apply that node before SwiftStepNASA.")
+            raise ValueError(f"SwiftStepNASA on {name}: a node applied after it replaced its attention override "
+                             f"(`optimized_attention_override`); apply that node before SwiftStepNASA.")
         pos = c["c_crossattn"]
         b = x.shape[0]
         neg = self.negative.to(device=pos.device, dtype=pos.dtype)
         if b % neg.shape[0]:
             raise ValueError(f"SwiftStepNASA: input `negative` has batch {neg.shape[0]}, which does not divide the "
                              f"batch {b}.")
-        neg = neg.repeat_interleave(b // neg.shape[0], 0)
+        reps = b // neg.shape[0]
+        neg = neg.repeat_interleave(reps, 0)
         if neg.shape[2] != pos.shape[2]:
             raise ValueError(f"SwiftStepNASA: input `negative` has width {neg.shape[2]}, the positive conditioning "
                              f"{pos.shape[2]}: encode both with this model's text encoder.")
-        pos, neg, call = self._captions(pos, neg)
-        if self.family == "zimage":
+        pos_mask = neg_mask = None
+        if self.family == "qwenimage":
+            pos_mask = _mask_rows(c.get("attention_mask"), b, pos.shape[1], "the positive conditioning")
+            if self.negative_mask is not None:
+                neg_mask = _mask_rows(self.negative_mask.repeat_interleave(reps, 0), b, neg.shape[1],
+                                      "input `negative`")
+        pos, neg, call = self._captions(pos, neg, pos_mask, neg_mask)
+        if self.family in ("zimage", "sd3"):  # other attentions (refiners, SD3.5's attn2) see the image alone
             h, w = (-(-s // self.patch_size) for s in x.shape[-2:])
             call["joint_len"] = call["text_len"] + _round_up(h * w, self.pad_multiple)
-        doubled = {k: _twice(v, b) for k, v in c.items() if k not in ("c_crossattn", "transformer_options")}
-        doubled["c_crossattn"] = torch.cat([pos, neg])  # FLUX: `y` (pooled) doubled = the positive one for both
+        doubled = {k: _twice(v, b) for k, v in c.items()
+                   if k not in ("c_crossattn", "transformer_options", "attention_mask")}
+        doubled["c_crossattn"] = torch.cat([pos, neg])  # FLUX.1, SD3: `y` (pooled) doubled = the positive's for both
         options = dict(options)
         options["cond_or_uncond"] = kinds = list(args["cond_or_uncond"]) * 2
         if "uuids" in options:
@@ -434,18 +485,42 @@ class JointNegativeGuidance:
         return out[:b]
 
 
+def _mask_rows(mask, b: int, length: int, what: str) -> torch.Tensor | None:
+    """A Qwen-Image text mask as bool [B, T] (True = token), or None. ComfyUI's Qwen-Image text encoder gives 1/0
+    (integer) masks; the model turns them into additive ones."""
+    if mask is None:
+        return None
+    if torch.is_floating_point(mask):
+        raise ValueError(f"SwiftStepNASA on Qwen-Image: {what} has a float (additive) `attention_mask`; expected the "
+                         f"1/0 mask ComfyUI's Qwen-Image text encoder gives.")
+    if mask.shape[0] != b:
+        mask = mask.repeat_interleave(b // mask.shape[0], 0) if mask.shape[0] and b % mask.shape[0] == 0 else None
+    if mask is None or tuple(mask.shape) != (b, length):
+        raise ValueError(f"SwiftStepNASA on Qwen-Image: {what}'s `attention_mask` does not match its {length} "
+                         f"tokens.")
+    return mask != 0
+
+
+def _text_keep(mask, b: int, length: int, padded: int, device) -> torch.Tensor:
+    """A text stream's kept keys [B, padded] (bool): its mask (or all of its `length` tokens), not the padding."""
+    keep = torch.ones(b, length, dtype=torch.bool, device=device) if mask is None else mask.to(device)
+    return F.pad(keep, (0, padded - length), value=False)
+
+
 def guidance_is_off(guidance: nasa.NegativeGuidance) -> bool:
     """NASA α = 0 or NAG scale 1: the plain model (nothing is installed, so the patched clone is bit-identical)."""
     return guidance.alpha == 0.0 if guidance.mode == "nasa" else guidance.nag_scale == 1.0
 
 
-def patch_joint_model(model, negative: torch.Tensor, guidance: nasa.NegativeGuidance):
-    """A clone of a FLUX.1/Z-Image `model` with the wrapper and the attention override installed (also for guidance
-    that is off: `patch_model` skips this then)."""
+def patch_joint_model(model, negative: torch.Tensor, guidance: nasa.NegativeGuidance,
+                      negative_mask: torch.Tensor | None = None):
+    """A clone of a joint-attention `model` (`JOINT_FAMILIES`) with the wrapper and the attention override installed
+    (also for guidance that is off: `patch_model` skips this then). `negative_mask`: the negative CONDITIONING's
+    `attention_mask` (Qwen-Image; other families ignore it, as ComfyUI does)."""
     family = joint_family(model)
     if family is None:
-        raise ValueError(f"SwiftStepNASA: joint-attention guidance supports FLUX.1 and Z-Image, got "
-                         f"{type(getattr(model, 'model', None)).__name__}.")
+        raise ValueError(f"SwiftStepNASA: joint-attention guidance supports {', '.join(JOINT_FAMILIES.values())}, "
+                         f"got {type(getattr(model, 'model', None)).__name__}.")
     previous = model.model_options.get("model_function_wrapper")
     if isinstance(previous, JointNegativeGuidance):
         raise ValueError("SwiftStepNASA is already applied to this model; apply it once (one negative prompt).")
@@ -454,7 +529,9 @@ def patch_joint_model(model, negative: torch.Tensor, guidance: nasa.NegativeGuid
     options = dict(m.model_options.get("transformer_options", {}))
     wrapper = JointNegativeGuidance(family, negative, guidance, patch_size=getattr(diffusion_model, "patch_size", 2),
                                     pad_multiple=getattr(diffusion_model, "pad_tokens_multiple", None),
-                                    previous=previous, previous_override=options.get("optimized_attention_override"))
+                                    previous=previous, previous_override=options.get("optimized_attention_override"),
+                                    negative_mask=negative_mask if family == "qwenimage" else None,
+                                    register_length=getattr(diffusion_model, "register_length", 0) or 0)
     # New dicts, not the clone's: ComfyUI ≥ 0.33 no longer deep-copies model_options on clone() (attention_nodes.py).
     options["optimized_attention_override"] = wrapper.override
     m.model_options = {**m.model_options, "transformer_options": options, "model_function_wrapper": wrapper}
@@ -467,15 +544,17 @@ def patch_joint_model(model, negative: torch.Tensor, guidance: nasa.NegativeGuid
 
 
 def patch_model(model, negative: torch.Tensor, mode: str, alpha: float, nag_scale: float, nag_tau: float,
-                nag_alpha: float):
-    """A clone of `model` with NASA/NAG on every UNet cross-attention, PixArt cross-attention or FLUX.1/Z-Image joint
-    attention; `model` itself is left untouched."""
+                nag_alpha: float, negative_mask: torch.Tensor | None = None):
+    """A clone of `model` with NASA/NAG on every UNet cross-attention, PixArt cross-attention or joint attention
+    (FLUX.1, FLUX.2, Z-Image, Qwen-Image, SD3/SD3.5); `model` itself is left untouched."""
     family = joint_family(model)
     guidance = nasa.NegativeGuidance.checked(mode, alpha, nag_scale, nag_tau, nag_alpha,
-                                             mode_name="SwiftStepNASA: input `mode`",  # joint attention: L2 ratio
+                                             mode_name="SwiftStepNASA: input `mode`",
+                                             # NAG's per-token ratio: the official code's per family (L2; SD3 L1)
                                              nag_norm=nag.DEFAULTS[family]["nag_norm"] if family else 1)
     if family is not None:
-        return model.clone() if guidance_is_off(guidance) else patch_joint_model(model, negative, guidance)
+        return model.clone() if guidance_is_off(guidance) else patch_joint_model(model, negative, guidance,
+                                                                                  negative_mask)
     diffusion_model = model.get_model_object("diffusion_model")
     locations = attn2_locations(diffusion_model)
     pixart = pixart_cross_attentions(diffusion_model) if not locations else []
@@ -511,35 +590,43 @@ class SwiftStepNASA(io.ComfyNode):
                         "SD1.x/SD2.x/SDXL UNets and PixArt, for one-step and few-step models; sample at cfg 1.0. The "
                         "negative prompt costs one extra attention over its tokens per cross-attention, not a second "
                         "batch: about 1.0x the plain step where CFG costs 1.7x (bench/nasa.py). Core's NAGuidance "
-                        "patches the self/joint-attention output and runs the negative as a CFG batch. FLUX.1 and "
-                        "Z-Image (joint attention): the negative text runs as a second row of the same call and the "
-                        "image tokens' attention output is mixed in every joint attention, so this costs 2x the plain "
-                        "step (as core's NAGuidance); the diffusers route (1.13x) needs block changes ComfyUI has no "
-                        "hook for.",
+                        "patches the self/joint-attention output and runs the negative as a CFG batch. Joint-attention "
+                        "DiTs (FLUX.1, FLUX.2 klein/dev, Z-Image, Qwen-Image, SD3/SD3.5): the negative text runs as a "
+                        "second row of the same call and the image tokens' attention output is mixed in every joint "
+                        "attention, so this costs 2x the plain step (as core's NAGuidance); the diffusers routes "
+                        "(about 1.13x) need block changes ComfyUI has no hook for. FLUX.1 and SD3 use the positive's "
+                        "pooled embedding for both rows; FLUX.2, Z-Image and Qwen-Image approximate nothing.",
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, PixArt, FLUX.1 or Z-Image model (any loader). "
-                                                "Not modified: the node returns a patched clone."),
-                io.Conditioning.Input("negative", tooltip="The negative prompt (CLIP Text Encode). Its first entry "
-                                                          "is used; on UNets it may be longer than the positive "
-                                                          "prompt. FLUX.1: as many T5 tokens as the positive (ComfyUI "
-                                                          "pads both to 256), and the positive's pooled embedding "
-                                                          "serves both. Z-Image: at most the positive's token count "
-                                                          "rounded up to 32."),
+                io.Model.Input("model", tooltip="An SD1.x, SD2.x, SDXL, PixArt, FLUX.1, FLUX.2 (klein, dev; ComfyUI "
+                                                "0.33+), Z-Image, Qwen-Image or SD3/SD3.5 model (any loader). Not "
+                                                "modified: the node returns a patched clone."),
+                io.Conditioning.Input("negative", tooltip="The negative prompt (CLIP Text Encode, same text encoder as "
+                                                          "the positive). Its first entry is used; on UNets it may be "
+                                                          "longer than the positive prompt. FLUX.1: as many T5 tokens "
+                                                          "as the positive (ComfyUI pads both to 256), and the "
+                                                          "positive's pooled embedding serves both. Z-Image: at most "
+                                                          "the positive's token count rounded up to 32. FLUX.2, "
+                                                          "Qwen-Image, SD3/SD3.5: any length (the shorter text's "
+                                                          "padding is masked); SD3 uses the positive's pooled "
+                                                          "embedding for both."),
                 io.Combo.Input("mode", options=list(MODES), default="nasa",
-                               tooltip="nasa: Z+ − α·Z− (SNOOPI). nag: normalized attention guidance (NAG paper)."),
+                               tooltip="nasa: Z+ − α·Z− (SNOOPI). nag: normalized attention guidance (NAG "
+                                       "paper); recommended on the joint-attention DiTs."),
                 io.Float.Input("nasa_scale", default=0.2, min=0.0, max=5.0, step=0.01,
                                tooltip="NASA α. Paper values: SD1.5 0.1, SD2.1 0.2 (SwiftBrush v2 0.3), PixArt 0.5. "
-                                       "FLUX.1/Z-Image: none published; start at 0.2 (the NAG paper finds NASA "
+                                       "Joint-attention DiTs: none published; start at 0.2 (the NAG paper finds NASA "
                                        "unstable on FLUX). 0 = off."),
                 io.Float.Input("nag_scale", default=3.0, min=1.0, max=20.0, step=0.1,
                                tooltip="NAG scale = φ + 1 (the NAG code's convention; paper φ=2 → 3). FLUX.1 "
-                                       "(official NAG example): 5. 1 = off."),
+                                       "(official NAG example): 5; FLUX.2, Z-Image, Qwen-Image, SD3.5: 5 as well "
+                                       "(none published). 1 = off."),
                 io.Float.Input("nag_tau", default=2.5, min=1.0, max=10.0, step=0.1,
                                tooltip="NAG τ: clips how much the guided attention's norm may grow (paper: 2.5; "
-                                       "L1 norm, L2 on FLUX.1/Z-Image as the official joint-attention code)."),
+                                       "L1 norm; L2 on FLUX.1/FLUX.2/Z-Image/Qwen-Image as the official "
+                                       "joint-attention code, L1 on SD3 as its official code)."),
                 io.Float.Input("nag_alpha", default=0.5, min=0.0, max=1.0, step=0.01,
                                tooltip="NAG α: blend of the guided and the plain attention (SDXL 0.5, SD1.5 0.375, "
-                                       "FLUX.1 0.25)."),
+                                       "FLUX.1 0.25, SD3.5 0.125; FLUX.2/Z-Image/Qwen-Image: FLUX.1's 0.25)."),
             ],
             outputs=[io.Model.Output(tooltip="The patched clone; use with SamplerCustom or KSampler at cfg 1.0.")],
         )
@@ -548,8 +635,9 @@ class SwiftStepNASA(io.ComfyNode):
     def execute(cls, model, negative, mode, nasa_scale, nag_scale, nag_tau, nag_alpha) -> io.NodeOutput:
         if not negative:
             raise ValueError("SwiftStepNASA: input `negative` is empty; connect a CLIP Text Encode.")
-        context = negative[0][0]  # [B, L−, C]
-        return io.NodeOutput(patch_model(model, context, mode, nasa_scale, nag_scale, nag_tau, nag_alpha))
+        context, extra = negative[0][0], negative[0][1]  # [B, L−, C], the encoder's extras
+        return io.NodeOutput(patch_model(model, context, mode, nasa_scale, nag_scale, nag_tau, nag_alpha,
+                                         negative_mask=extra.get("attention_mask")))
 
 
 NODES = [SwiftStepNASA]
