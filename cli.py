@@ -208,8 +208,8 @@ def _save_all(images, out: Path, params: dict, line: str) -> list[Path]:
 
 def generate(args):
     if (args.prompt is None) == (args.prompts is None):
-        raise ValueError("generate: give --prompt (one prompt) or --prompts FILE (a batch job), not both.")
-    if args.prompts is None:
+        raise ValueError("generate: give one of --prompt (a prompt) and --prompts FILE (a prompt file).")
+    if args.prompts is None and args.out_dir is None:  # one prompt, --num-images of it in one call, to --out
         device = args.device or ("cuda" if _cuda() else "cpu")
         if args.negative_prompt is None and any(getattr(args, k) is not None for k in GUIDANCE_ARGS):
             raise ValueError("--guidance, --nasa-scale and --nag-* need --negative-prompt.")
@@ -218,11 +218,17 @@ def generate(args):
                 "height": args.height, "width": args.width}
         images, params, line = maker.render(spec, args.num_images)
         return _save_all(images, Path(args.out), {**params, "job": maker.job(spec)}, line)
-    from .batch_jobs import prompt_items, run_job
+    from .batch_jobs import Item, prompt_items, run_job
 
     if args.out_dir is None:
         raise ValueError("--prompts needs --out-dir (the folder the job writes its images to).")
-    items = prompt_items(args.prompts, args.seed, args.num_images)
+    if args.prompts is not None:
+        items = prompt_items(args.prompts, args.seed, args.num_images)
+    else:  # --prompt with --out-dir: a job of --num-images seeds of one prompt, 00000.png …
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty.")
+        items = [Item(k, f"{k:05d}.png", f"--prompt (image {k})", {"prompt": args.prompt, "seed": args.seed + k})
+                 for k in range(args.num_images)]
     for item in items:  # the command's defaults where a line sets none
         for key, default in (("negative_prompt", args.negative_prompt), ("height", args.height),
                              ("width", args.width)):
@@ -429,7 +435,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompts", metavar="FILE", help="a batch job: one prompt a line, or JSON Lines (.jsonl: "
                    "prompt, negative_prompt, seed, height, width per line); writes --out-dir/00000.png, … with seed "
                    "--seed + index; under `accelerate launch` the lines are split across processes")
-    g.add_argument("--out-dir", help="with --prompts: the output folder")
+    g.add_argument("--out-dir", help="the output folder of a batch job: --prompts FILE, or --prompt with "
+                   "--num-images N (files 00000.png …, seeds --seed + k)")
     g.add_argument("--negative-prompt", help="a negative prompt without CFG, inside the attention (--guidance)")
     g.add_argument("--guidance", choices=("nasa", "nag"), help="how the negative prompt acts (default: nasa on "
                    "SD/SDXL, nag on the DiTs)")

@@ -316,3 +316,13 @@ def test_a_dit_batch_job_with_a_negative_prompt_equals_the_pipeline_call(tmp_pat
     assert meta["negative_prompt"] == "plants" and meta["nag_scale"] == 4.0 and meta["preset"] == "flux-schnell"
     assert main(["generate", "--model", str(folder), "--prompts", str(path), "--out-dir", str(out), "--fast",
                  "--device", "cpu"]) == 2  # the fast path is the UNets'
+
+
+def test_one_prompt_with_an_out_dir_is_a_job_of_its_seeds(models, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    assert generate(models, "--prompt", "a red fox", "--num-images", 3, "--seed", 7, "--out-dir", out) == 0
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"]
+    assert [json.loads(Image.open(out / f"{k:05d}.png").text["swiftstep"])["seed"] for k in range(3)] == [7, 8, 9]
+    counter = CountingCalls(monkeypatch)
+    assert generate(models, "--prompt", "a red fox", "--num-images", 4, "--seed", 7, "--out-dir", out) == 0
+    assert counter.calls == 1  # only the new fourth seed
