@@ -9,8 +9,8 @@ its seed from `--seed` + index, so what a file holds never depends on how the wo
 - writes each output under a temporary name in the output folder and renames it when complete, so an interrupted
   job never leaves a partial file under a final name;
 - under `accelerate launch` splits the pending items across the processes with `PartialState.split_between_processes`
-  (the main process decides what is pending and broadcasts it, so every process splits the same list, also across
-  machines without a shared folder); one model per process, on its own device;
+  (the main process broadcasts its items and what of them is pending, so every process splits the same list); one
+  model per process, on its own device;
 - reports a bad item (its line or file name and why) and goes on with the others; only the main process shows the
   progress bar and prints the summary of what was made, skipped and failed (gathered from every process).
 
@@ -20,11 +20,15 @@ folders of images or videos).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable
 
@@ -49,7 +53,7 @@ class Item:
 class Summary:
     made: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
-    failed: list[tuple[str, str]] = field(default_factory=list)  # (source, why)
+    failed: list[tuple[int, str, str]] = field(default_factory=list)  # (index, source, why)
     made_per_process: list[int] = field(default_factory=list)
 
     def extend(self, other: "Summary") -> None:
@@ -63,7 +67,7 @@ class Summary:
                  if len(self.made_per_process) > 1 else "")
         lines = [f"made {len(self.made)}{split}, skipped {len(self.skipped)} (already done), failed "
                  f"{len(self.failed)}"]
-        lines += [f"  failed: {source}: {why}" for source, why in sorted(self.failed)]
+        lines += [f"  failed: {source}: {why}" for _, source, why in sorted(self.failed)]
         return "\n".join(lines)
 
 
@@ -79,8 +83,11 @@ def prompt_items(path: str | Path, seed: int, per_prompt: int = 1) -> list[Item]
         raise FileNotFoundError(f"--prompts: no prompt file at {path.resolve()}.")
     if per_prompt < 1:
         raise ValueError(f"--num-images must be ≥ 1, got {per_prompt}.")
+    if path.suffix.lower() == ".json":
+        raise ValueError(f"--prompts: {path.name}: a .json file is read as neither; name JSON Lines (one object a "
+                         f"line) .jsonl, or plain prompts (one a line) .txt.")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # -sig: Windows editors' byte-order mark
     except UnicodeDecodeError as error:
         raise ValueError(f"--prompts: {path.name}: expected UTF-8 text, found: {error}.") from error
     json_lines = path.suffix.lower() in (".jsonl", ".ndjson")
@@ -132,14 +139,21 @@ def _json_line(line: str):
 
 
 def file_items(inputs: list[str | Path], suffixes: tuple[str, ...], name: Callable[[Path], str], seed: int,
-               flag: str = "input") -> list[Item]:
-    """Items of input files and folders (a folder's files with `suffixes`, sorted, not recursive), in the order
-    given. Item i has seed `seed + i` and the output file `name(input)`; an input that does not exist, or whose output
-    name another input already has, is a bad item."""
+               out_dir: str | Path, flag: str = "input") -> list[Item]:
+    """Items of input files and folders (a folder's files with `suffixes`, sorted, not recursive; hidden files
+    skipped), in the order given; the output file is `name(input)`. Every item has the seed `seed`: the output of an
+    input is then the same whichever other files the job holds (seeds by position would change every later file's
+    output when a file is added to a folder, and a resumed job would redo them). An input that does not exist, or
+    whose output name another input already has, is a bad item; reading from the output folder is refused (the
+    outputs would become inputs of the next run)."""
+    out_dir = Path(out_dir).resolve()
     files = []
     for entry in map(Path, inputs):
         if entry.is_dir():
-            found = sorted(p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            if entry.resolve() == out_dir:
+                raise ValueError(f"{flag}: {entry} is also the output folder; write the outputs to another folder.")
+            found = sorted(p for p in entry.iterdir()
+                           if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith("."))
             if not found:
                 raise ValueError(f"{flag}: folder {entry} holds no {'/'.join(suffixes)} file.")
             files += found
@@ -156,7 +170,7 @@ def file_items(inputs: list[str | Path], suffixes: tuple[str, ...], name: Callab
         elif out in seen:
             error = f"its output name {out} is already that of {seen[out]}; rename one of them"
         seen.setdefault(out, str(path))
-        items.append(Item(i, out, str(path), {"input": str(path.resolve()), "seed": seed + i}, error))
+        items.append(Item(i, out, str(path), {"input": str(path.resolve()), "seed": seed}, error))
     return items
 
 
@@ -194,10 +208,45 @@ def temporary_path(final: Path) -> Path:
 
 
 # ---------------------------------------------------------------- the runner
-def _state(cpu: bool):
+def job_state(cpu: bool):
+    """accelerate's PartialState for a job (the first construction in a process wins). The collectives' timeout is a
+    day, not NCCL's 10 minutes: a process that has finished its share waits at the end for the slowest one (a long
+    clip, a model loading elsewhere), and the default would abort it and with it the job."""
     from accelerate import PartialState
 
-    return PartialState(cpu=cpu)
+    return PartialState(cpu=cpu, timeout=timedelta(days=1))
+
+
+class _Terminated(BaseException):
+    """SIGTERM (a scheduler's preemption, torchrun stopping the other processes) as an exception, so the temporary
+    file of the item in progress is removed like on Ctrl-C."""
+
+
+@contextlib.contextmanager
+def _terminate_as_exception():
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise _Terminated(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_stale_temporaries(out_dir: Path, items: list[Item]) -> None:
+    """Temporary files an earlier run left (killed with SIGKILL, power loss): `.<stem>.partial-<pid><suffix>` of
+    this job's items."""
+    names = {(Path(item.name).stem, Path(item.name).suffix) for item in items}
+    for entry in out_dir.glob(".*.partial-*"):
+        stem, _, rest = entry.name[1:].rpartition(".partial-")
+        suffix = Path(rest).suffix
+        if (stem, suffix) in names:
+            entry.unlink(missing_ok=True)
 
 
 def run_job(items: list[Item], out_dir: str | Path, produce: Callable[[Item, Path], None],
@@ -207,61 +256,76 @@ def run_job(items: list[Item], out_dir: str | Path, produce: Callable[[Item, Pat
     """Make every item: `produce(item, path)` writes the item's output to `path` (a temporary name, renamed when it
     returns); an exception there fails that item only. `expected(item)` is the metadata the finished output must
     carry (`read_job(path)`) to be skipped on a rerun. `prepare()` (loading the model) runs once in each process that
-    has items to make, before the first; what it raises stops the job (a bad model file is no per-item failure).
-    Returns the summary of the whole job (every process's)."""
+    has items to make, before the first; what it raises stops the job in every process (a bad model file is no
+    per-item failure). The main process's `items` and its view of what is done are broadcast, so every process
+    splits the same list. Returns the summary of the whole job (every process's)."""
     from accelerate.utils import broadcast_object_list, gather_object
 
     out_dir = Path(out_dir)
-    state = _state(cpu)
+    state = job_state(cpu)
+    local, pending = Summary(), None
     if state.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
-    local = Summary()
-    local.failed += [(item.source, item.error) for item in items if item.error and state.is_main_process]
-    good = [item for item in items if not item.error]
-    pending = None
-    if state.is_main_process:
+        _remove_stale_temporaries(out_dir, items)
+        local.failed += [(item.index, item.source, item.error) for item in items if item.error]
         pending = []
-        for item in good:
+        for item in items:
+            if item.error:
+                continue
             if resume and read_job(out_dir / item.name) == expected(item):
                 local.skipped.append(item.name)
             else:
                 pending.append(item.index)
     if state.num_processes > 1:
-        pending = broadcast_object_list([pending])[0]
-    by_index = {item.index: item for item in good}
+        items, pending = broadcast_object_list([items, pending])
+    by_index = {item.index: item for item in items}
     bar = _Progress(out_dir, [by_index[i].name for i in pending], state, what)
+    stopped = None  # what `prepare` raised here
     try:
-        with state.split_between_processes(pending) as mine:
-            if mine and prepare is not None:
-                prepare()
+        with _terminate_as_exception(), state.split_between_processes(pending) as mine:
+            try:
+                if mine and prepare is not None:
+                    prepare()
+            except Exception as error:  # noqa: BLE001 - re-raised in every process after the gather
+                stopped, mine = error, []
             for index in mine:
-                item = by_index[index]
-                final = out_dir / item.name
-                tmp = temporary_path(final)
-                try:
-                    produce(item, tmp)
-                    os.replace(tmp, final)
-                    local.made.append(item.name)
-                except Exception as error:  # noqa: BLE001 - a failing item is reported, the job goes on
-                    ours = isinstance(error, (ValueError, FileNotFoundError, FloatingPointError))  # messages that say
-                    local.failed.append((item.source, str(error) if ours else f"{type(error).__name__}: {error}"))
-                finally:
-                    tmp.unlink(missing_ok=True)
+                _make(by_index[index], out_dir, produce, local)
                 bar.step()
-        if state.num_processes > 1:
-            summary = Summary()
-            for part in gather_object([local]):
-                summary.extend(part)
-        else:
-            summary = local
-        bar.step(finished=len(summary.made) + len(summary.failed) - (len(items) - len(good)))  # bad items: not run
+            if state.num_processes > 1:
+                summary, stops = Summary(), []
+                for part, stop in gather_object([(local, stopped)]):
+                    summary.extend(part)
+                    stops.append(stop)
+                stopped = next((stop for stop in stops if stop is not None), None)
+            else:
+                summary = local
+            bar.step(finished=len(summary.made) + len(summary.failed) - sum(item.error is not None for item in items))
     finally:
         bar.close()
+    if state.num_processes > 1:
+        state.destroy_process_group()  # a clean exit (gloo can abort at interpreter shutdown otherwise)
+    if stopped is not None:
+        raise stopped
     if state.is_main_process:
         print(summary.text().splitlines()[0])
         for line in summary.text().splitlines()[1:]:
             print(line, file=sys.stderr)
     return summary
+
+
+def _make(item: Item, out_dir: Path, produce, local: Summary) -> None:
+    final = out_dir / item.name
+    tmp = temporary_path(final)
+    try:
+        produce(item, tmp)
+        os.replace(tmp, final)
+        local.made.append(item.name)
+    except Exception as error:  # noqa: BLE001 - a failing item is reported, the job goes on
+        ours = isinstance(error, (ValueError, FileNotFoundError, FloatingPointError))  # messages that say it all
+        local.failed.append((item.index, item.source, str(error) if ours else f"{type(error).__name__}: {error}"))
+    finally:
+        with contextlib.suppress(OSError):  # Windows: a file still open elsewhere
+            tmp.unlink(missing_ok=True)
 
 
 class _Progress:

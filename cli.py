@@ -115,9 +115,11 @@ class ImageMaker:
                                 ("--fast", a.fast or None)):
                 if value is not None:
                     raise ValueError(f"{flag} applies to SD/SDXL UNet models only; {a.model} is a DiT folder.")
+        if a.image is not None:
+            read_image(a.image, "--image")  # a bad file is the job's error, not every item's
         self.timesteps = [float(t) for t in a.timesteps.split(",")] if a.timesteps else None
         self.guidance = {k: getattr(a, k) for k in GUIDANCE_ARGS if getattr(a, k) is not None}
-        self.settings = {"model": a.model, "preset": a.preset, "steps": a.steps, "timesteps": a.timesteps,
+        self.settings = {"model": a.model, "config": a.config, "preset": a.preset, "steps": a.steps, "timesteps": a.timesteps,
                          "gamma": a.gamma, "image": a.image, "strength": a.strength if a.image else None,
                          "dtype": a.dtype, "lora": [list(entry) for entry in a.lora], "fast": a.fast,
                          **{k: getattr(a, k) for k in GUIDANCE_ARGS}}
@@ -234,6 +236,10 @@ def generate(args):
                              ("width", args.width)):
             if item.spec.get(key) is None and not item.error:
                 item.spec[key] = default
+    if any(getattr(args, k) is not None for k in GUIDANCE_ARGS) and not any(i.spec.get("negative_prompt")
+                                                                             for i in items):
+        raise ValueError("--guidance, --nasa-scale and --nag-* need a negative prompt (--negative-prompt, or "
+                         "\"negative_prompt\" in the prompt file's lines).")
     state, device = job_device(args.device)
     maker = ImageMaker(args, device, batch=True)
 
@@ -249,10 +255,10 @@ def generate(args):
 def job_device(requested: str | None):
     """(accelerate's PartialState, this process's device): under `accelerate launch` each process gets its own GPU;
     `--device cpu` (or a machine without CUDA) runs every process on the CPU (gloo)."""
-    from accelerate import PartialState
+    from .batch_jobs import job_state
 
     cpu = requested == "cpu" or (requested is None and not _cuda())
-    state = PartialState(cpu=cpu)
+    state = job_state(cpu)
     if not state.is_main_process:  # one set of bars: the main process's loading bars and the job's
         import diffusers
         import transformers
@@ -275,9 +281,9 @@ def upscale(args):
 
     for flag, value in (("lambda_pix", args.lambda_pix), ("lambda_sem", args.lambda_sem)):
         finite.check_finite(flag, value)
-    items = file_items(args.inputs, IMAGE_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.png", args.seed)
+    items = file_items(args.inputs, IMAGE_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.png", args.seed, args.out)
     state, device = job_device(args.device)
-    settings = {"base": args.base, "weights": str(args.weights), "scale": args.scale, "prompt": args.prompt,
+    settings = {"base": args.base, "config": args.config, "weights": str(args.weights), "scale": args.scale, "prompt": args.prompt,
                 "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem, "color_fix": args.color_fix,
                 "tile": args.tile, "min_side": args.min_side, "dtype": args.dtype}
     loaded = {}
@@ -314,14 +320,14 @@ def upscale_video(args):
     their videos) → `--out`/<name>_x<scale>.mp4, resumable, split across processes under `accelerate launch`."""
     from .batch_jobs import VIDEO_SUFFIXES, file_items, run_job, video_job
 
-    settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "scale": args.scale,
+    settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "config": args.config, "scale": args.scale,
                 "stages": args.stages, "prompt": args.prompt, "color_fix": args.color_fix, "tile": args.tile,
                 "min_side": args.min_side, "crf": args.crf, "dtype": args.dtype}
     single = len(args.inputs) == 1 and Path(args.out).suffix.lower() == ".mp4"
     if single and Path(args.inputs[0]).is_dir():
         raise ValueError(f"--out {args.out} is one .mp4 file, but the input {args.inputs[0]} is a folder; give an "
                          f"output folder.")
-    if not single and Path(args.out).suffix:
+    if not single and Path(args.out).suffix.lower() in VIDEO_SUFFIXES:
         raise ValueError(f"--out must be an output folder for several inputs or a folder (got {args.out}); one input "
                          f"and an .mp4 name writes one file.")
     state, device = job_device(args.device)
@@ -372,7 +378,7 @@ def upscale_video(args):
         finally:
             tmp.unlink(missing_ok=True)
         return [out]
-    items = file_items(args.inputs, VIDEO_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.mp4", args.seed)
+    items = file_items(args.inputs, VIDEO_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.mp4", args.seed, args.out)
     summary = run_job(items, args.out, produce, job, read_job=video_job, resume=args.resume, cpu=device == "cpu",
                       what="upscale-video", prepare=pipeline)
     return 1 if summary.failed else 0
@@ -480,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--lambda-sem", type=float, default=1.0, help="PiSA-SR semantic-detail strength")
     u.add_argument("--color-fix", choices=("adain", "wavelet", "none"), default="adain")
     u.add_argument("--tile", type=int, help="latent tile size (default 96; tiles only when needed)")
-    u.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior sample (input i: seed + i)")
+    u.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior sample (the same for every input)")
     u.add_argument("--min-side", type=int, default=512,
                    help="smaller inputs are first enlarged so the output's short side reaches this (official: 512)")
     u.add_argument("--dtype", choices=DTYPES, default="float32")
@@ -506,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--chunk-frames", type=int, help="frames per batch (default 1 on the CPU, 4 on CUDA)")
     v.add_argument("--min-side", type=int, default=512,
                    help="smaller frames are first enlarged so the output's short side reaches this (≥ 512)")
-    v.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior samples (input i: seed + i)")
+    v.add_argument("--seed", type=int, default=0, help="seeds the VAE posterior samples (the same for every input)")
     v.add_argument("--crf", type=int, default=18, help="H.264 quality (lower is better; 18 ≈ visually lossless)")
     v.add_argument("--dtype", choices=DTYPES, default="float32")
     v.add_argument("--device", help="default: CUDA if present (under `accelerate launch`: this process's GPU), "

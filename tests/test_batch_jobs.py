@@ -102,6 +102,12 @@ def test_bad_items_are_reported_with_their_line_and_the_others_are_made(models, 
     assert [(i.index, i.error) for i in items] == [(0, None), (1, "empty prompt line"), (2, "empty prompt line"),
                                                     (3, None)]
     assert items[3].spec["seed"] == 3 and items[3].name == "00003.png"
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes("\ufeff".encode() + json.dumps({"prompt": "a fox"}).encode() + b"\n")  # Windows Notepad
+    assert [(i.spec["prompt"], i.error) for i in prompt_items(bom, seed=0)] == [("a fox", None)]
+    (tmp_path / "p.json").write_text(json.dumps({"prompt": "a fox"}))
+    with pytest.raises(ValueError, match="name JSON Lines .* .jsonl"):
+        prompt_items(tmp_path / "p.json", seed=0)
     jsonl = tmp_path / "two.jsonl"
     jsonl.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "seed": 50}) + "\n")
     pairs = prompt_items(jsonl, seed=10, per_prompt=2)  # two images a line: names and seeds by line and k
@@ -150,10 +156,22 @@ def test_run_job_leaves_no_partial_file_when_an_item_fails(tmp_path, capsys):
         Image.new("RGB", (4, 4)).save(path, format="PNG")
 
     items = [Item(i, f"{i}.png", f"src{i}", {"seed": i}) for i in range(3)]
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / ".2.partial-99999.png").write_bytes(b"left by a killed run")
+    (tmp_path / "o" / ".notes.partial-1.txt").write_bytes(b"not this job's")
     summary = run_job(items, tmp_path / "o", produce, lambda item: item.spec)
-    assert sorted(os.listdir(tmp_path / "o")) == ["0.png", "2.png"]
-    assert summary.failed == [("src1", "RuntimeError: the device fell over")]
+    assert sorted(os.listdir(tmp_path / "o")) == [".notes.partial-1.txt", "0.png", "2.png"]
+    assert summary.failed == [(1, "src1", "RuntimeError: the device fell over")]
     assert "failed: src1: RuntimeError: the device fell over" in capsys.readouterr().err
+
+    def failing_load():
+        raise ValueError("--model: no diffusers folder at ./nope")
+
+    made = []
+    with pytest.raises(ValueError, match="no diffusers folder"):  # the job's error, not a failed item per item
+        run_job(items, tmp_path / "p", lambda item, path: made.append(item), lambda item: item.spec,
+                prepare=failing_load)
+    assert made == []
 
 
 def test_file_items_name_by_input_and_refuse_clashing_names(tmp_path):
@@ -163,15 +181,18 @@ def test_file_items_name_by_input_and_refuse_clashing_names(tmp_path):
         Image.new("RGB", (8, 8)).save(tmp_path / folder / "x.png")
     Image.new("RGB", (8, 8)).save(tmp_path / "a" / "y.jpg")
     (tmp_path / "a" / "notes.txt").write_text("not an image")
+    Image.new("RGB", (8, 8)).save(tmp_path / "a" / "._x.png", format="PNG")  # macOS metadata: hidden, skipped
     items = file_items([tmp_path / "a", tmp_path / "b", tmp_path / "missing.png"], (".png", ".jpg"),
-                       lambda p: f"{p.stem}_x4.png", seed=5)
-    assert [(i.name, i.spec["seed"], i.error) for i in items] == [
-        ("x_x4.png", 5, None), ("y_x4.png", 6, None),
-        ("x_x4.png", 7, f"its output name x_x4.png is already that of {tmp_path / 'a' / 'x.png'}; rename one of them"),
-        ("missing_x4.png", 8, "no such file")]
+                       lambda p: f"{p.stem}_x4.png", seed=5, out_dir=tmp_path / "out")
+    assert [(i.name, i.spec["seed"], i.error) for i in items] == [  # one seed: outputs independent of the others
+        ("x_x4.png", 5, None), ("y_x4.png", 5, None),
+        ("x_x4.png", 5, f"its output name x_x4.png is already that of {tmp_path / 'a' / 'x.png'}; rename one of them"),
+        ("missing_x4.png", 5, "no such file")]
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="folder .*empty holds no .png/.jpg file"):
-        file_items([tmp_path / "empty"], (".png", ".jpg"), str, 0)
+        file_items([tmp_path / "empty"], (".png", ".jpg"), str, 0, tmp_path / "out")
+    with pytest.raises(ValueError, match="is also the output folder"):
+        file_items([tmp_path / "a"], (".png", ".jpg"), str, 0, tmp_path / "a")
 
 
 def _lora(pipe, folder, seed):
