@@ -119,8 +119,9 @@ class ImageMaker:
             read_image(a.image, "--image")  # a bad file is the job's error, not every item's
         self.timesteps = [float(t) for t in a.timesteps.split(",")] if a.timesteps else None
         self.guidance = {k: getattr(a, k) for k in GUIDANCE_ARGS if getattr(a, k) is not None}
-        self.settings = {"model": a.model, "config": a.config, "preset": a.preset, "steps": a.steps, "timesteps": a.timesteps,
-                         "gamma": a.gamma, "image": a.image, "strength": a.strength if a.image else None,
+        self.settings = {"model": a.model, "config": a.config, "preset": a.preset, "steps": a.steps,
+                         "timesteps": a.timesteps, "gamma": a.gamma, "image": a.image,
+                         "strength": a.strength if a.image else None,
                          "dtype": a.dtype, "lora": [list(entry) for entry in a.lora], "fast": a.fast,
                          **{k: getattr(a, k) for k in GUIDANCE_ARGS}}
 
@@ -144,6 +145,12 @@ class ImageMaker:
                 pipe.enable_fast_path()
         if self.batch:
             pipe.set_progress_bar_config(disable=True)
+        # The schedule the options ask for, checked once: a step count the preset does not support or a missing
+        # LoRA is the job's error, not every item's.
+        if self.dit:
+            pipe.resolve(None, a.steps, self.timesteps, None, *pipe.default_size(a.height, a.width))
+        else:
+            pipe.make_sampler(pipe.resolve_preset(a.preset), a.steps, self.timesteps, a.gamma)
         self.pipe = pipe
         return pipe
     def render(self, spec: dict, num_images: int = 1):
@@ -161,7 +168,8 @@ class ImageMaker:
             if "sigmas" in schedule:
                 grid = {"sigmas": schedule["sigmas"]}
             else:  # SANA-Sprint: the TrigFlow angles it sampled
-                grid = {"angles": schedule.get("timesteps") or pipe.preset.scm_timesteps(schedule["num_inference_steps"])}
+                angles = schedule.get("timesteps") or pipe.preset.scm_timesteps(schedule["num_inference_steps"])
+                grid = {"angles": angles}
             params = {"preset": pipe.preset.name if pipe.preset else None, "steps": schedule["num_inference_steps"],
                       **{k: [round(float(v), 6) for v in g] for k, g in grid.items()}}
             extra = ""
@@ -283,7 +291,8 @@ def upscale(args):
         finite.check_finite(flag, value)
     items = file_items(args.inputs, IMAGE_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.png", args.seed, args.out)
     state, device = job_device(args.device)
-    settings = {"base": args.base, "config": args.config, "weights": str(args.weights), "scale": args.scale, "prompt": args.prompt,
+    settings = {"base": args.base, "config": args.config, "weights": str(args.weights), "scale": args.scale,
+                "prompt": args.prompt,
                 "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem, "color_fix": args.color_fix,
                 "tile": args.tile, "min_side": args.min_side, "dtype": args.dtype}
     loaded = {}
@@ -320,7 +329,8 @@ def upscale_video(args):
     their videos) → `--out`/<name>_x<scale>.mp4, resumable, split across processes under `accelerate launch`."""
     from .batch_jobs import VIDEO_SUFFIXES, file_items, run_job, video_job
 
-    settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "config": args.config, "scale": args.scale,
+    settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "config": args.config,
+                "scale": args.scale,
                 "stages": args.stages, "prompt": args.prompt, "color_fix": args.color_fix, "tile": args.tile,
                 "min_side": args.min_side, "crf": args.crf, "dtype": args.dtype}
     single = len(args.inputs) == 1 and Path(args.out).suffix.lower() == ".mp4"

@@ -56,7 +56,7 @@ class Preset:
         if steps not in self.timesteps:
             raise ValueError(
                 f"Preset {self.name!r} supports num_inference_steps in {sorted(self.timesteps)}, got {steps}. "
-                f"Pass `timesteps=[...]` for a custom schedule."
+                f"Pass `timesteps=[...]` (CLI: --timesteps) for a custom schedule."
             )
         return self.timesteps[steps]
 
@@ -178,7 +178,7 @@ class FlowPreset:
         if steps not in self.steps:
             raise ValueError(
                 f"Preset {self.name!r} supports num_inference_steps in {list(self.steps)}, got {steps}"
-                f"{'; ' + self.notes if self.notes else ''}. Pass `sigmas=[...]` for a custom schedule."
+                f"{'; ' + self.notes if self.notes else ''}. Pass `sigmas=[...]` (CLI: --timesteps, 1000·σ) for a custom schedule."
             )
         return steps
 

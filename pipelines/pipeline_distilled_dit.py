@@ -132,7 +132,8 @@ class DistilledDiTPipeline:
         if p is not None:
             if p.lora and not has_lora(self.pipe):
                 raise ValueError(f"Preset {p.name!r} needs its LoRA ({p.lora}); load it with "
-                                 f"`load_one_step(..., lora=FILE)` or `pipe.load_lora_weights(FILE)`.")
+                                 f"`load_one_step(..., lora=FILE)`, `pipe.load_lora_weights(FILE)` or the CLI's "
+                                 f"`--lora FILE`.")
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass `timesteps` or `sigmas`, not both.")
         if self.family == "sana-sprint":

@@ -347,3 +347,14 @@ def test_one_prompt_with_an_out_dir_is_a_job_of_its_seeds(models, tmp_path, monk
     counter = CountingCalls(monkeypatch)
     assert generate(models, "--prompt", "a red fox", "--num-images", 4, "--seed", 7, "--out-dir", out) == 0
     assert counter.calls == 1  # only the new fourth seed
+
+
+def test_options_the_preset_refuses_stop_the_job_before_any_item(tmp_path, capsys):
+    from .dit_fixtures import write_folder
+
+    folder = write_folder("flux2", tmp_path)
+    (tmp_path / "p.txt").write_text("a fox\nan owl\n")
+    assert main(["generate", "--model", str(folder), "--prompts", str(tmp_path / "p.txt"), "--out-dir",
+                 str(tmp_path / "out"), "--steps", "2", "--device", "cpu"]) == 2
+    assert "Preset 'flux2-klein' supports num_inference_steps in [4], got 2" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "out") == []
