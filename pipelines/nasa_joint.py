@@ -178,6 +178,15 @@ class FluxSharedSingleProcessor:
         return torch.cat([merge_heads(text[:b], q.dtype), merge_heads(text[b:], q.dtype), mix], dim=1)
 
 
+def check_text_pair(pos, neg, batch: int, why: str) -> None:
+    """The positive text embeddings have the image's batch, and the negative ones its tokens and width (`why`)."""
+    if pos.shape[0] != batch:
+        raise ValueError(f"`encoder_hidden_states` has batch {pos.shape[0]}, `hidden_states` {batch}.")
+    if neg.shape[1:] != pos.shape[1:]:
+        raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
+                         f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length ({why}).")
+
+
 # ---------------------------------------------------------------- the handle
 @functools.lru_cache(maxsize=None)
 def forward_signature(forward) -> inspect.Signature:
@@ -314,12 +323,7 @@ class JointGuidanceHandle:
         kw = call_arguments(module, args, kwargs)
         pos, pooled = kw["encoder_hidden_states"], kw["pooled_projections"]
         b = kw["hidden_states"].shape[0]
-        if pos.shape[0] != b:
-            raise ValueError(f"`encoder_hidden_states` has batch {pos.shape[0]}, `hidden_states` {b}.")
-        if neg.shape[1:] != pos.shape[1:]:
-            raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
-                             f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (the two text "
-                             f"streams run as one batch; FLUX also shares the text ids).")
+        check_text_pair(pos, neg, b, "the two text streams run as one batch; FLUX also shares the text ids")
         neg = negative_rows(neg, b, "prompt_embeds").to(pos)
         if self.pooled_embeds is None:
             neg_pooled = pooled

@@ -35,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from ..core import nasa
-from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, call_arguments, merge_heads, refuse_mask, rope_rows,
-                         _get_qkv_projections, image_attention_pair, text_attention_rows)
+from .nasa_joint import (FluxJointGuidanceProcessor, JointGuidanceHandle, _get_qkv_projections, call_arguments,
+                         check_text_pair, image_attention_pair, merge_heads, refuse_mask, rope_rows,
+                         text_attention_rows)
 from .negative_context import negative_rows
 
 SUPPORTED = ("Flux2Transformer2DModel",)
@@ -165,12 +166,7 @@ class Flux2GuidanceHandle(JointGuidanceHandle):
             raise ValueError("NASA/NAG on FLUX.2 does not take `kv_cache_mode` / `kv_cache` (the reference-image KV "
                              "cache of Flux2KleinKVPipeline).")
         pos, b = kw["encoder_hidden_states"], kw["hidden_states"].shape[0]
-        if pos.shape[0] != b:
-            raise ValueError(f"`encoder_hidden_states` has batch {pos.shape[0]}, `hidden_states` {b}.")
-        if neg.shape[1:] != pos.shape[1:]:
-            raise ValueError(f"negative `prompt_embeds` is {tuple(neg.shape[1:])} (tokens, width), the positive "
-                             f"{tuple(pos.shape[1:])}: encode both with the same max_sequence_length (FLUX.2 shares "
-                             f"the text ids).")
+        check_text_pair(pos, neg, b, "FLUX.2 shares the text ids")
         if self.text_ids is not None:
             pos_ids, neg_ids = (i[0] if i.ndim == 3 else i for i in (kw["txt_ids"], self.text_ids))
             if not torch.equal(neg_ids.to(pos_ids), pos_ids):
