@@ -207,6 +207,24 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.stem}.partial-{os.getpid()}{final.suffix}")
 
 
+def write_atomically(final: Path, write: Callable[[Path], None]) -> None:
+    """`write(path)` to a temporary name beside `final`, renamed to `final` when it returns; whatever it raises, no
+    temporary file stays behind."""
+    tmp = temporary_path(final)
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    finally:
+        with contextlib.suppress(OSError):  # Windows: a file still open elsewhere
+            tmp.unlink(missing_ok=True)
+
+
+def job_record(spec: dict, settings: dict) -> dict:
+    """What an output stores as its `job` parameters (and a rerun compares): the item's spec and the job's settings,
+    as they read back from JSON (tuples as lists)."""
+    return json.loads(json.dumps({**spec, **settings}))
+
+
 # ---------------------------------------------------------------- the runner
 def job_state(cpu: bool):
     """accelerate's PartialState for a job (the first construction in a process wins). The collectives' timeout is a
@@ -314,18 +332,12 @@ def run_job(items: list[Item], out_dir: str | Path, produce: Callable[[Item, Pat
 
 
 def _make(item: Item, out_dir: Path, produce, local: Summary) -> None:
-    final = out_dir / item.name
-    tmp = temporary_path(final)
     try:
-        produce(item, tmp)
-        os.replace(tmp, final)
+        write_atomically(out_dir / item.name, lambda path: produce(item, path))
         local.made.append(item.name)
     except Exception as error:  # noqa: BLE001 - a failing item is reported, the job goes on
         ours = isinstance(error, (ValueError, FileNotFoundError, FloatingPointError))  # messages that say it all
         local.failed.append((item.index, item.source, str(error) if ours else f"{type(error).__name__}: {error}"))
-    finally:
-        with contextlib.suppress(OSError):  # Windows: a file still open elsewhere
-            tmp.unlink(missing_ok=True)
 
 
 class _Progress:
@@ -362,4 +374,5 @@ class _Progress:
 
 
 __all__ = ["Item", "Summary", "prompt_items", "file_items", "run_job", "png_job", "video_job", "temporary_path",
+           "write_atomically", "job_record", "job_state",
            "IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "JSON_KEYS"]

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -208,7 +207,9 @@ class ImageMaker:
 
     def job(self, spec: dict) -> dict:
         """What a finished output of this job carries (PNG `swiftstep` → "job"), compared on `--resume`."""
-        return json.loads(json.dumps({**spec, **self.settings}))
+        from .batch_jobs import job_record
+
+        return job_record(spec, self.settings)
 
 
 def _save_all(images, out: Path, params: dict, line: str) -> list[Path]:
@@ -248,7 +249,7 @@ def generate(args):
                                                                              for i in items):
         raise ValueError("--guidance, --nasa-scale and --nag-* need a negative prompt (--negative-prompt, or "
                          "\"negative_prompt\" in the prompt file's lines).")
-    state, device = job_device(args.device)
+    device = job_device(args.device)
     maker = ImageMaker(args, device, batch=True)
 
     def produce(item, path):
@@ -260,9 +261,9 @@ def generate(args):
     return 1 if summary.failed else 0
 
 
-def job_device(requested: str | None):
-    """(accelerate's PartialState, this process's device): under `accelerate launch` each process gets its own GPU;
-    `--device cpu` (or a machine without CUDA) runs every process on the CPU (gloo)."""
+def job_device(requested: str | None) -> str:
+    """This process's device for a batch job (accelerate's state set up): under `accelerate launch` each process gets
+    its own GPU; `--device cpu` (or a machine without CUDA) runs every process on the CPU (gloo)."""
     from .batch_jobs import job_state
 
     cpu = requested == "cpu" or (requested is None and not _cuda())
@@ -273,24 +274,22 @@ def job_device(requested: str | None):
 
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    if requested is None or requested == "cuda":
-        return state, str(state.device)
-    return state, requested
+    return str(state.device) if requested in (None, "cuda") else requested
 
 
 def upscale(args):
     """Image SR as a batch job: every input file (folders: their images) → `--out`/<name>_x<scale>.png, seeded by
-    `--seed` + its position, resumable, split across processes under `accelerate launch`."""
+    `--seed` (every input), resumable, split across processes under `accelerate launch`."""
     import torch
 
-    from .batch_jobs import IMAGE_SUFFIXES, file_items, run_job
+    from .batch_jobs import IMAGE_SUFFIXES, file_items, job_record, run_job
 
     from .core import finite
 
     for flag, value in (("lambda_pix", args.lambda_pix), ("lambda_sem", args.lambda_sem)):
         finite.check_finite(flag, value)
     items = file_items(args.inputs, IMAGE_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.png", args.seed, args.out)
-    state, device = job_device(args.device)
+    device = job_device(args.device)
     settings = {"base": args.base, "config": args.config, "weights": str(args.weights), "scale": args.scale,
                 "prompt": args.prompt,
                 "lambda_pix": args.lambda_pix, "lambda_sem": args.lambda_sem, "color_fix": args.color_fix,
@@ -317,7 +316,7 @@ def upscale(args):
         save_png(result, path, params, quiet=True)
 
     def job(item):
-        return json.loads(json.dumps({**item.spec, **settings}))
+        return job_record(item.spec, settings)
 
     summary = run_job(items, args.out, produce, job, resume=args.resume, cpu=device == "cpu", what="upscale",
                       prepare=pipeline)
@@ -327,7 +326,7 @@ def upscale(args):
 def upscale_video(args):
     """Video SR: one input and an `--out` ending in .mp4 → that file; otherwise a batch job over the inputs (folders:
     their videos) → `--out`/<name>_x<scale>.mp4, resumable, split across processes under `accelerate launch`."""
-    from .batch_jobs import VIDEO_SUFFIXES, file_items, run_job, video_job
+    from .batch_jobs import VIDEO_SUFFIXES, file_items, job_record, run_job, video_job
 
     settings = {"method": "dloral", "weights": str(args.weights), "base": args.base, "config": args.config,
                 "scale": args.scale,
@@ -340,7 +339,7 @@ def upscale_video(args):
     if not single and Path(args.out).suffix.lower() in VIDEO_SUFFIXES:
         raise ValueError(f"--out must be an output folder for several inputs or a folder (got {args.out}); one input "
                          f"and an .mp4 name writes one file.")
-    state, device = job_device(args.device)
+    device = job_device(args.device)
     loaded = {}
 
     def pipeline():
@@ -353,7 +352,7 @@ def upscale_video(args):
         return loaded["pipe"]
 
     def job(item):
-        return json.loads(json.dumps({**item.spec, **settings}))
+        return job_record(item.spec, settings)
 
     def produce(item, path, quiet=True):
         import torch
@@ -375,18 +374,13 @@ def upscale_video(args):
             print(f"wrote {writer.frames} frames at {float(reader.fps):g} fps to {args.out}")
 
     if single:
-        from .batch_jobs import Item, temporary_path
+        from .batch_jobs import Item, write_atomically
 
         item = Item(0, Path(args.out).name, str(args.inputs[0]), {"input": str(Path(args.inputs[0]).resolve()),
                                                                    "seed": args.seed})
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = temporary_path(out)
-        try:
-            produce(item, tmp, quiet=False)
-            os.replace(tmp, out)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(out, lambda path: produce(item, path, quiet=False))
         return [out]
     items = file_items(args.inputs, VIDEO_SUFFIXES, lambda p: f"{p.stem}_x{args.scale}.mp4", args.seed, args.out)
     summary = run_job(items, args.out, produce, job, read_job=video_job, resume=args.resume, cpu=device == "cpu",
